@@ -39,6 +39,7 @@ _DTYPES = {
 
 # Bump when the layout of the GGUF cache changes, so stale conversions are not reused.
 _GGUF_CACHE_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "vocab.json", "tokenizer.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -144,10 +145,14 @@ def _from_pretrained(source: str, kwargs: dict[str, Any], spec: str, local: bool
 def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None) -> Any:
     from transformers import AutoTokenizer
 
+    folder = Path(source)
+    if folder.is_dir() and not any(folder.glob(pattern) for pattern in _TOKENIZER_FILES):
+        log.warning("no tokenizer files in %s; continuing without a tokenizer", folder)
+        return None
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("no tokenizer loaded from %s (%s)", source, exc)
+        log.warning("no tokenizer loaded from %s: %s", source, str(exc).strip().splitlines()[0])
         return None
 
 
