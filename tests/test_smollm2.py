@@ -47,3 +47,19 @@ def test_prune_three_blocks_save_reload_same_generation(smollm2, tmp_path):
     assert torch.equal(after, uncached)
     reloaded_tok = AutoTokenizer.from_pretrained(out)
     assert reloaded_tok("The capital of France is").input_ids == prompt[0].tolist()
+
+
+def test_generate_streams_the_same_text_as_generate(smollm2_folder, capsys):
+    from shortened.generation import build_prompt_ids
+
+    model, tokenizer = load_model(str(smollm2_folder))
+    ids = build_prompt_ids(tokenizer, "What is the capital of France?")
+    assert ids[0, 0].item() == tokenizer.convert_tokens_to_ids("<|im_start|>")  # chat template applied
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert main(["generate", str(smollm2_folder), "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert expected.strip() and expected.strip() in out
+    assert "Paris" in out

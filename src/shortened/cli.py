@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .errors import ShortenedError
 
 #: Command modules, in the order ``--help`` lists them.
-COMMANDS = ("info", "prune")
+COMMANDS = ("info", "prune", "bench", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

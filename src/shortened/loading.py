@@ -101,23 +101,9 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
 
-    if spec in ALIASES:
-        folder = _gguf_to_folder(resolve_alias(spec), cache_dir)
-    elif spec.lower().endswith(".gguf"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ShortenedError(f"GGUF file not found: {spec}")
-        folder = _gguf_to_folder(path, cache_dir)
-    elif Path(spec).expanduser().exists():
-        folder = Path(spec).expanduser()
-        _check_local_folder(folder)
-    elif _HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        folder = None
-        if revision is not None:
-            kwargs["revision"] = revision
-    else:
-        raise ShortenedError(f"model path does not exist: {spec}")
-
+    folder = resolve_local_folder(spec, cache_dir)
+    if folder is None and revision is not None:
+        kwargs["revision"] = revision
     source = str(folder) if folder is not None else spec
     loaded = _from_pretrained(source, kwargs, spec, local=folder is not None)
     if device_map is None and device is not None:
@@ -125,6 +111,27 @@ def load_model(
     loaded.eval()
     tokenizer = _load_tokenizer(source, trust_remote_code, revision if folder is None else None)
     return loaded, tokenizer
+
+
+def resolve_local_folder(spec: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local model folder behind ``spec`` (GGUF files and aliases converted and cached), or None
+    when ``spec`` names a Hub model. Raises ShortenedError for a path that does not exist or is not a
+    loadable model folder."""
+    if spec in ALIASES:
+        return _gguf_to_folder(resolve_alias(spec), cache_dir)
+    if spec.lower().endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ShortenedError(f"GGUF file not found: {spec}")
+        return _gguf_to_folder(path, cache_dir)
+    path = Path(spec).expanduser()
+    if path.exists():
+        _check_local_folder(path)
+        return path
+    # "org/name" is a Hub id unless a local folder "org" exists (then it is a mistyped local path).
+    if _HUB_ID.match(spec) and ("/" not in spec or not path.parent.is_dir()):
+        return None
+    raise ShortenedError(f"model path does not exist: {spec}")
 
 
 def _from_pretrained(source: str, kwargs: dict[str, Any], spec: str, local: bool) -> nn.Module:

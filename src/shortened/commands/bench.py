@@ -1,0 +1,80 @@
+"""``shortened bench MODEL --baseline MODEL``: generation latency, throughput and memory, pruned vs original."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ._common import HelpFormatter, add_model_args, parse_int_list
+
+EXAMPLES = """examples:
+  shortened bench runs/p --baseline smollm2-135m --batch-sizes 1,8 --output-lens 128 --out bench.json
+  shortened bench runs/p --baseline meta-llama/Llama-2-7b-hf --batch-sizes 1,8,32 --output-lens 128,512
+
+Each model is loaded and measured in its own process, so its peak memory is its own (CUDA peak allocated
+on a GPU, process peak RSS on CPU). Warm-up runs are discarded; latencies are medians of --repeats runs.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure generation speed and memory against a baseline",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--baseline", default=None, help="the original model to compare with (any MODEL spec)")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--output-lens", default="128,512", help="comma-separated numbers of generated tokens (forced)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens")
+    p.add_argument("--warmup", type=int, default=1, help="discarded runs before timing")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point")
+    p.add_argument("--out", default="bench.json", help="JSON with every measurement; the plot goes beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import format_bench, plot_bench, run_benchmark
+    from ..errors import ShortenedError
+    from ..io import library_versions, now_iso, write_json
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ShortenedError(f"output {out} already exists; pass --overwrite to replace it")
+    batch_sizes = parse_int_list(args.batch_sizes, "batch sizes")
+    output_lens = parse_int_list(args.output_lens, "output lengths")
+    for name, values in (("batch size", batch_sizes), ("output length", output_lens), ("prompt length", [args.prompt_len]),
+                         ("repeats", [args.repeats])):
+        if min(values) < 1:
+            raise ShortenedError(f"{name} must be at least 1")
+    if args.warmup < 0:
+        raise ShortenedError("--warmup must be >= 0")
+    # Resolve (and convert GGUF) here, so a bad spec fails with one line before any child process starts.
+    model, baseline = (_resolve(s, args.cache_dir) for s in (args.model, args.baseline))
+    result = run_benchmark(
+        model, baseline,
+        load_kwargs=dict(dtype=args.dtype, device=args.device, device_map=args.device_map,
+                         cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code),
+        batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=args.prompt_len,
+        warmup=args.warmup, repeats=args.repeats,
+    )
+    result["models"]["model"]["model"] = args.model
+    if args.baseline:
+        result["models"]["baseline"]["model"] = args.baseline
+    result.update(command=shlex.join(["shortened", *sys.argv[1:]]) if sys.argv else "",
+                  created=now_iso(), versions=library_versions())
+    write_json(out, result)
+    plot = out.with_suffix(".png")
+    plot_bench(result, str(plot))
+    print(format_bench(result))
+    print(f"\nwrote {out} and {plot}")
+    return 0
+
+
+def _resolve(spec: str | None, cache_dir: str | None) -> str | None:
+    from ..loading import resolve_local_folder
+
+    if spec is None:
+        return None
+    folder = resolve_local_folder(spec, cache_dir)
+    return str(folder) if folder is not None else spec

@@ -1,0 +1,89 @@
+"""The generation benchmark: every field written, ratios consistent with the raw figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shortened import remove_blocks, save_model
+from shortened.bench import _PeakRSS, bench_model, flops_per_token
+from shortened.cli import main
+from tiny_models import N_LAYERS, tiny_model
+
+
+@pytest.fixture(scope="module")
+def dense_and_pruned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    save_model(tiny_model("llama"), None, root / "dense")
+    model = tiny_model("llama")
+    remove_blocks(model, [1, 2, 3])
+    save_model(model, None, root / "pruned")
+    return root / "dense", root / "pruned"
+
+
+def test_flops_per_token_by_hand():
+    model = tiny_model("llama")
+    cfg = model.config
+    h, i, heads, kv, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    per_block = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * i   # q, k+v, o, gate/up/down
+    head = cfg.vocab_size * h
+    ctx = 40
+    expected = 2 * (N_LAYERS * per_block + head) + 4 * heads * d * ctx * N_LAYERS
+    assert flops_per_token(model, ctx) == expected
+
+
+def test_peak_rss_sees_an_allocation():
+    with _PeakRSS() as rss:
+        before = rss.peak
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+    assert rss.peak - before > 32 * 2**20
+    del block
+
+
+def test_bench_model_points_are_consistent():
+    model = tiny_model("llama")
+    points = bench_model(model, batch_sizes=[1, 2], output_lens=[3, 5], prompt_len=4, warmup=1, repeats=2)
+    assert [(p.batch_size, p.output_len) for p in points] == [(1, 3), (1, 5), (2, 3), (2, 5)]
+    for p in points:
+        assert len(p.latency_s.runs) == 2 and p.latency_s.min <= p.latency_s.median <= p.latency_s.max
+        assert p.throughput_tok_s == pytest.approx(p.batch_size * p.output_len / p.latency_s.median)
+        assert p.decode_s == pytest.approx(max(p.latency_s.median - p.prefill_s.median, 1e-9))
+        assert p.peak_memory_mb > 0 and p.memory_kind == "process_peak_rss"
+
+
+def test_bench_cli_writes_every_field(dense_and_pruned, tmp_path, capsys):
+    dense, pruned = dense_and_pruned
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(pruned), "--baseline", str(dense), "--batch-sizes", "1,2", "--output-lens", "4",
+                 "--prompt-len", "4", "--repeats", "2", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    model, base = result["models"]["model"], result["models"]["baseline"]
+    assert model["num_blocks"] == N_LAYERS - 3 and base["num_blocks"] == N_LAYERS
+    assert result["flop_ratio"] == pytest.approx(model["flops_per_token"] / base["flops_per_token"])
+    assert result["flop_speedup_bound"] == pytest.approx(1 / result["flop_ratio"])
+    assert {"command", "created", "versions", "settings"} <= set(result)
+    by_point = {(p["batch_size"], p["output_len"]): p for p in base["points"]}
+    assert len(result["ratios"]) == 2
+    for row, p in zip(result["ratios"], model["points"]):
+        b = by_point[(p["batch_size"], p["output_len"])]
+        assert row["throughput_ratio"] == pytest.approx(p["throughput_tok_s"] / b["throughput_tok_s"])
+        assert row["latency_ratio"] == pytest.approx(p["latency_s"]["median"] / b["latency_s"]["median"])
+        assert row["memory_ratio"] == pytest.approx(p["peak_memory_mb"] / b["peak_memory_mb"])
+        assert row["fraction_of_flop_bound"] == pytest.approx(row["throughput_ratio"] * result["flop_ratio"])
+    assert "speed-up bound" in capsys.readouterr().out
+
+
+def test_bench_bad_input(dense_and_pruned, tmp_path, capsys):
+    dense, _ = dense_and_pruned
+    assert main(["bench", str(dense), "--batch-sizes", "0", "--out", str(tmp_path / "b.json")]) == 2
+    assert main(["bench", str(tmp_path / "missing"), "--out", str(tmp_path / "b.json")]) == 2
+    (tmp_path / "b.json").write_text("{}")
+    assert main(["bench", str(dense), "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 1" in err and "does not exist" in err and "already exists" in err
+    assert (tmp_path / "b.json").read_text() == "{}"
