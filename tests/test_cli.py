@@ -143,3 +143,16 @@ def test_unknown_alias_package_message(monkeypatch):
     monkeypatch.setitem(loading.ALIASES, "nothing-here", ("no_such_package_xyz", "m.gguf", "pip install no-such"))
     with pytest.raises(ShortenedError, match="pip install no-such"):
         loading.load_model("nothing-here")
+
+
+def test_outputs_have_ordinary_permissions(tiny_folder, tmp_path, capsys):
+    import os
+    import stat
+
+    out = tmp_path / "p"
+    assert main(["prune", str(tiny_folder), "--blocks", "2", "--out", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .errors import ShortenedError
 
 #: Command modules, in the order ``--help`` lists them.
-COMMANDS = ("info", "prune", "bench", "generate")
+COMMANDS = ("info", "score", "prune", "eval", "heal", "bench", "generate", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

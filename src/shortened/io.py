@@ -43,6 +43,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise ShortenedError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc
     try:
         yield tmp
+        _ordinary_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -64,11 +65,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """Give every file and folder below ``folder`` the permissions of a plain write (some writers use
+    private temporary files, which would otherwise leave the output readable by its owner alone)."""
+    umask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,0 +1,152 @@
+"""Healing benchmark: SmolLM2-135M with 6 of 30 blocks removed, each healing method under the same
+wall-clock budget, WikiText-2 / PTB perplexity (paper protocol, seq 128) and zero-shot accuracy.
+
+    python benchmarks/bench_heal.py --budget 300 --methods lora-paper,distill-lora --zs-limit 100
+
+Every method gets ``--budget`` seconds of training (steps are planned from a short timing probe and
+capped by ``max_time``), run one after another on the same machine. Results go to
+``--results`` (JSON, with settings and library versions) and are printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from shortened.heal import HealingData, heal, load_healing_data
+from shortened.io import library_versions, now_iso, pruning_record, save_model
+from shortened.loading import load_model
+from shortened.surgery import remove_blocks
+
+DATA = Path("/work/shared/data")
+REMOVED = [4, 5, 13, 14, 17, 18]  # PPL criterion with the paper's calibration on book text (issue 5)
+
+# name -> (method, data, settings). "lora-paper" is the paper's recipe at this budget.
+RUNS: dict[str, tuple[str, str, dict]] = {
+    "lora-paper": ("lora", "alpaca", dict(lr=1e-4, batch_size=4, grad_accum=2, seq_len=256)),
+    "lora-5e-4": ("lora", "alpaca", dict(lr=5e-4, batch_size=4, grad_accum=2, seq_len=256)),
+    "distill-lora-1e-3": ("distill", "alpaca", dict(student="lora", lr=1e-3, batch_size=4, grad_accum=2, seq_len=256)),
+    "full-lm": ("full", "books", dict(lr=2e-5, batch_size=4, grad_accum=2, seq_len=128)),
+    "distill-lora": ("distill", "alpaca", dict(student="lora", lr=5e-4, batch_size=4, grad_accum=2, seq_len=256)),
+    "distill-lora-books": ("distill", "books", dict(student="lora", lr=5e-4, batch_size=4, grad_accum=2, seq_len=128)),
+    "distill-full-books": ("distill", "books", dict(student="full", lr=2e-5, batch_size=4, grad_accum=2, seq_len=128)),
+}
+
+
+def data_path(name: str, data_dir: Path, work: Path) -> str:
+    if name == "alpaca":
+        return str(data_dir / "alpaca" / "alpaca_data_2k_subset.json")
+    if name == "books":  # the four Gutenberg novels (headers stripped by the reader)
+        return str(data_dir / "gutenberg")
+    raise ValueError(name)
+
+
+def evaluate(model, tokenizer, data_dir: Path, ppl_limit: int, zs_limit: int | None) -> dict:
+    from shortened.evaluation.perplexity import perplexity_on
+
+    out = {}
+    for name in ("wikitext2", "ptb"):
+        r = perplexity_on(model, tokenizer, name, data_dir=data_dir, seq_len=128, batch_size=8, limit=ppl_limit,
+                          progress=False)
+        out[name] = r["value"]
+    if zs_limit:
+        from shortened.evaluation.zeroshot import PAPER_METRICS, run_tasks
+
+        res = run_tasks(model, tokenizer, list(PAPER_METRICS), data_dir=data_dir, limit=zs_limit, progress=False)
+        out["zeroshot"] = {t: r["value"] for t, r in res.items()}
+        out["zeroshot_avg"] = sum(out["zeroshot"].values()) / len(out["zeroshot"])
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=600, help="training seconds per method")
+    p.add_argument("--methods", default="lora-paper,full-lm,distill-lora,distill-full-books",
+                   help=f"comma-separated, from {', '.join(RUNS)}")
+    p.add_argument("--data-dir", type=Path, default=DATA)
+    p.add_argument("--ppl-limit", type=int, default=300, help="first N chunks of 128 tokens")
+    p.add_argument("--zs-limit", type=int, default=0, help="items per zero-shot task (0: skip zero-shot)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--probe-steps", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=10, help="warm-up steps (capped at the run's steps)")
+    p.add_argument("--val-examples", type=int, default=32, help="validation examples per run")
+    p.add_argument("--evals", type=int, default=4, help="validations per run")
+    p.add_argument("--set", action="append", default=[], metavar="RUN.KEY=VALUE",
+                   help="override a setting, e.g. distill-lora.lr=1e-3 (repeatable)")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/healing.json"))
+    p.add_argument("--skip-baselines", action="store_true", help="do not evaluate the dense and pruned models")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = {k: (m, d, dict(s)) for k, (m, d, s) in RUNS.items()}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        run, field = key.split(".", 1)
+        runs[run][2][field] = type(runs[run][2].get(field, 1.0))(value) if field in runs[run][2] else float(value)
+
+    work = Path(tempfile.mkdtemp(prefix="bench_heal-"))
+    results = {"created": now_iso(), "command": " ".join(sys.argv), "budget_s": args.budget, "removed": REMOVED,
+               "threads": args.threads, "versions": library_versions(), "models": {}}
+    if args.results.exists():
+        results["models"] = json.loads(args.results.read_text()).get("models", {})
+
+    dense, tok = load_model("smollm2-135m")
+    if not args.skip_baselines:
+        t = time.perf_counter()
+        results["models"]["dense"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit)
+        print("dense", results["models"]["dense"], f"({time.perf_counter() - t:.0f} s eval)", flush=True)
+    n = len(dense.model.layers)
+    kept = remove_blocks(dense, REMOVED)
+    pruned_dir = work / "pruned"
+    save_model(dense, tok, pruned_dir, pruning_record("smollm2-135m", n, kept, model_type="llama"))
+    if not args.skip_baselines:
+        results["models"]["pruned"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit)
+        print("pruned", results["models"]["pruned"], flush=True)
+    del dense
+
+    for name in [m for m in args.methods.split(",") if m]:
+        method, data, settings = runs[name]
+        common = dict(val_fraction=0.02, warmup_steps=args.warmup, progress=True, seed=0)
+        common.update(settings)
+        spec = data_path(data, args.data_dir, work)
+        dataset = load_healing_data(spec, tok, seq_len=common["seq_len"], val_fraction=common["val_fraction"],
+                                    seed=common["seed"])
+        dataset.val = dataset.val[:args.val_examples]
+        # Timing probe: a few steps of the same run (training loop only), not counted in the budget.
+        probe = heal(str(pruned_dir), HealingData(dataset.train, []), method, steps=args.probe_steps,
+                     **{**common, "progress": False})
+        per_step = probe.run.seconds / args.probe_steps
+        steps = max(1, int(args.budget / per_step * 0.9))  # 10% for validation
+        print(f"{name}: {per_step:.1f} s/step -> {steps} steps in {args.budget:.0f} s", flush=True)
+        t = time.perf_counter()
+        r = heal(str(pruned_dir), dataset, method, steps=steps, max_time=args.budget, eval_every=max(1, steps // args.evals),
+                 **common)
+        train_s = time.perf_counter() - t
+        ev = evaluate(r.model, r.tokenizer, args.data_dir, args.ppl_limit, args.zs_limit)
+        h = r.record["healing"]
+        results["models"][name] = {**ev, "method": method, "data": spec, "steps_planned": steps,
+                                   "steps_done": h["steps_done"], "train_seconds": round(r.run.seconds, 1), "wall_seconds": round(train_s, 1),
+                                   "best_step": h["best_step"], "val_before": h["val_loss_before"],
+                                   "val_best": h["best_val_loss"], "settings": {**common, "progress": None}}
+        print(name, results["models"][name], flush=True)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2, default=str))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+
+    print("\n| model | steps | WikiText-2 | PTB | zero-shot avg |\n|---|---|---|---|---|")
+    for name, m in results["models"].items():
+        zs = f"{m['zeroshot_avg'] * 100:.1f}" if "zeroshot_avg" in m else "-"
+        print(f"| {name} | {m.get('steps_done', '-')} | {m['wikitext2']:.1f} | {m['ptb']:.1f} | {zs} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``shortened eval MODEL``: perplexity (WikiText-2, PTB, any text file) and the seven zero-shot tasks
+through lm-evaluation-harness, online or offline from a data folder; ``--compare`` puts result files
+side by side."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ._common import HelpFormatter, add_model_args, load_from_args
+
+EXAMPLES = """examples:
+  shortened eval smollm2-135m --data-dir ../shared/data --out runs/dense.json
+  shortened eval runs/pruned --data-dir ../shared/data --limit 50 --out runs/pruned-50.json
+  shortened eval runs/pruned --ppl wikitext2,my_notes.txt --tasks none --seq-len 2048
+  shortened eval google/gemma-2-2b --bos --tasks boolq,piqa       (online: Hub data)
+  shortened eval --compare runs/dense.json runs/pruned.json
+
+The paper's protocol is the default: WikiText-2 (raw v1, test) and PTB (validation) perplexity over
+non-overlapping 128-token chunks, and boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge,
+openbookqa zero-shot (acc for boolq/piqa/winogrande/arc_easy, acc_norm for the others) and their
+average. --data-dir defaults to $SHORTENED_DATA; without it the data come from the Hugging Face Hub.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..evaluation import PAPER_PPL, PAPER_TASKS
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy (paper protocol); compare results",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    add_model_args(p)
+    # MODEL is not needed with --compare
+    for action in p._actions:
+        if action.dest == "model":
+            action.nargs, action.required, action.default = "?", False, None
+    what = p.add_argument_group("what to evaluate")
+    what.add_argument("--ppl", default=",".join(PAPER_PPL),
+                      help="perplexity sets: wikitext2, ptb and/or paths of UTF-8 text files; 'none' for no perplexity")
+    what.add_argument("--tasks", default=",".join(PAPER_TASKS),
+                      help="zero-shot tasks (of: " + ", ".join(PAPER_TASKS) + "); 'none' for no tasks")
+    what.add_argument("--data-dir", default=os.environ.get("SHORTENED_DATA"),
+                      help="folder of the original data files (layout of ../shared/data); "
+                           "default $SHORTENED_DATA, else the Hugging Face Hub")
+    what.add_argument("--limit", type=int, default=None,
+                      help="first N chunks per perplexity set and first N items per task (quick runs)")
+    how = p.add_argument_group("how")
+    how.add_argument("--seq-len", type=int, default=128, help="perplexity chunk length (2048 is the other convention)")
+    how.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    how.add_argument("--bos", action="store_true", help="put a BOS token before every chunk and prompt (Gemma needs it)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default=None, help="write every metric, the settings and library versions to this JSON file")
+    out.add_argument("--table", default=None, help="also write the Markdown table to this file")
+    out.add_argument("--name", default=None, help="the model's name in the table; MODEL when not given")
+    out.add_argument("--overwrite", action="store_true", help="replace existing --out/--table files")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--compare", nargs="+", metavar="RESULTS", default=None,
+                     help="print the table of these results files side by side (no model is loaded)")
+    p.set_defaults(func=run)
+
+
+def _names(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return [] if items == ["none"] else items
+
+
+def _refuse_existing(path: str | None, overwrite: bool) -> None:
+    from ..errors import ShortenedError
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ShortenedError(f"output {target} is a folder; give a file name")
+    if target.exists() and not overwrite:
+        raise ShortenedError(f"output {target} already exists; pass --overwrite to replace it")
+
+
+def _write_text(path: str, text: str) -> None:
+    import tempfile
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ShortenedError
+    from ..evaluation import PAPER_TASKS, compare_files, evaluate, markdown_table
+    from ..evaluation.sources import PPL_SETS, check_local_files
+    from ..io import write_json
+
+    _refuse_existing(args.out, args.overwrite)
+    _refuse_existing(args.table, args.overwrite)
+    if args.compare:
+        if args.model is not None:
+            raise ShortenedError("--compare takes results files only; drop MODEL")
+        if args.out is not None:
+            raise ShortenedError("--out is for evaluations; with --compare use --table to save the table")
+        table = compare_files(args.compare)
+        print(table, end="")
+        if args.table:
+            _write_text(args.table, table)
+        return 0
+    if args.model is None:
+        raise ShortenedError("give MODEL to evaluate, or --compare RESULTS...")
+
+    ppl, tasks = _names(args.ppl), _names(args.tasks)
+    if not ppl and not tasks:
+        raise ShortenedError("nothing to evaluate: --ppl and --tasks are both 'none'")
+    if args.limit is not None and args.limit < 1:
+        raise ShortenedError(f"--limit must be a positive number, got {args.limit}")
+    if args.seq_len < 2 or args.batch_size < 1:
+        raise ShortenedError("--seq-len must be at least 2 and --batch-size at least 1")
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        raise ShortenedError(f"data folder not found: {args.data_dir}")
+    for name in ppl:
+        if name not in PPL_SETS and not Path(name).expanduser().is_file():
+            raise ShortenedError(f"unknown perplexity set '{name}': use {', '.join(PPL_SETS)} or the path of a text file")
+    unknown = [t for t in tasks if t not in PAPER_TASKS]
+    if unknown:
+        raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_TASKS)}")
+    if args.data_dir is not None:  # fail before the (slow) model load
+        check_local_files(ppl, tasks, args.data_dir)
+
+    model, tokenizer = load_from_args(args)
+    name = args.name or args.model
+    results = evaluate(model, tokenizer, ppl=ppl, tasks=tasks, data_dir=args.data_dir, seq_len=args.seq_len,
+                       batch_size=args.batch_size, bos=args.bos, limit=args.limit, name=name,
+                       progress=not args.no_progress)
+    results["source"] = args.model
+    pruning = Path(args.model) / "pruning.json"
+    if pruning.is_file():  # a model pruned by shortened: keep which blocks it lacks beside its scores
+        from ..io import read_json
+
+        record = read_json(pruning)
+        results["model"]["removed_blocks"] = record.get("removed_blocks")
+        results["model"]["original_num_blocks"] = record.get("original_num_blocks")
+    table = markdown_table([results], [name])
+    if args.out:
+        write_json(args.out, results)
+    if args.table:
+        _write_text(args.table, table)
+    print(table, end="")
+    if args.out:
+        print(f"results -> {args.out}", file=sys.stderr)
+    return 0

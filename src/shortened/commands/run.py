@@ -1,0 +1,130 @@
+"""``shortened run MODEL ...``: the whole paper in one command.
+
+Scores the blocks, prunes, heals (optional), evaluates the original and the pruned model, benchmarks
+generation, and writes the model card. Every stage keeps its output under OUT/stages; running the same
+command again skips the finished stages (``--force`` re-runs them), and changing a setting re-runs only
+the stages that depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import HelpFormatter, add_model_args, parse_int_list
+
+EXAMPLES = """examples:
+  shortened run smollm2-135m --ratio 0.2 --out runs/demo          # offline: calibration sampled from the model
+  shortened run smollm2-135m --criterion ppl --ratio 0.2 --calib ../shared/data/gutenberg \\
+      --heal lora --heal-steps 50 --data-dir ../shared/data --eval-limit 200 --out runs/paper
+  shortened run meta-llama/Llama-2-7b-hf --criterion taylor --ratio 0.35 --calib bookcorpus \\
+      --heal lora --data-dir data/ --bench 1,8,32 --out runs/llama-35 --push-to-hub me/llama-2-5.5b
+
+--eval takes perplexity sets (wikitext2, ptb, heldout, or a text file) and zero-shot tasks (boolq, piqa,
+hellaswag, winogrande, arc_easy, arc_challenge, openbookqa) in one list; the default is the paper's
+(wikitext2, ptb and the seven tasks) with --data-dir, else 'heldout': text sampled from the original model.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="score, prune, heal, evaluate, benchmark and write a model card",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder: the final model, its card, and every stage")
+    s = p.add_argument_group("selection")
+    s.add_argument("--criterion", default="ppl", help="block importance criterion (see 'shortened score --help')")
+    size = s.add_mutually_exclusive_group()
+    size.add_argument("--ratio", type=float, default=None, help="share of blocks to remove (default 0.2)")
+    size.add_argument("--num-blocks", type=int, default=None, help="number of blocks to remove")
+    s.add_argument("--protect-first", type=int, default=None, help="never remove the first K blocks (default: the criterion's)")
+    s.add_argument("--protect-last", type=int, default=None, help="never remove the last M blocks (default: the criterion's)")
+    s.add_argument("--iterative", action="store_true", help="remove one block at a time, re-scoring the rest")
+    s.add_argument("--contiguous", action="store_true", help="remove one contiguous span of blocks")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default="self", help="calibration text: files/folders/globs, self, wikitext2, hf:NAME...")
+    c.add_argument("--n-samples", type=int, default=10, help="calibration samples")
+    c.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
+    c.add_argument("--seed", type=int, default=1234, help="seed for calibration sampling")
+    h = p.add_argument_group("healing")
+    h.add_argument("--heal", choices=("lora", "full", "distill", "none"), default="none", help="healing method")
+    h.add_argument("--heal-data", default=None,
+                   help="healing data (default: Alpaca from --data-dir, else text sampled from the original model)")
+    h.add_argument("--heal-steps", type=int, default=None, help="optimizer steps (default: the method's epochs)")
+    h.add_argument("--heal-lr", type=float, default=None, help="learning rate (default: the method's)")
+    h.add_argument("--heal-batch-size", type=int, default=None, help="micro-batch size")
+    h.add_argument("--heal-grad-accum", type=int, default=None, help="gradient accumulation steps")
+    h.add_argument("--heal-seq-len", type=int, default=None, help="training sequence length")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", default=None, help="comma list of perplexity sets and tasks, or 'none'")
+    e.add_argument("--data-dir", default=None, help="folder with the original data files (layout of ../shared/data)")
+    e.add_argument("--eval-limit", type=int, default=None, help="first N chunks / items per set and task")
+    e.add_argument("--eval-batch-size", type=int, default=8, help="evaluation batch size")
+    e.add_argument("--eval-seq-len", type=int, default=128, help="perplexity chunk length (the paper: 128)")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--bench", default="1,8", help="batch sizes to benchmark, or 'none'")
+    b.add_argument("--bench-output-lens", default="128", help="generated tokens per benchmark run")
+    b.add_argument("--bench-repeats", type=int, default=3, help="timed runs per point")
+    o = p.add_argument_group("control")
+    o.add_argument("--force", action="store_true", help="re-run every stage even if it finished earlier")
+    o.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the output folder to this Hub repo")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import ShortenedError
+    from ..pipeline import RunConfig, run_pipeline
+
+    ratio = args.ratio if args.ratio is not None or args.num_blocks is not None else 0.2
+    ppl, tasks = _split_eval(args.eval)
+    heal_options = {k: v for k, v in dict(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size,
+                                          grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len).items()
+                    if v is not None}
+    if args.bench_repeats < 1:
+        raise ShortenedError("--bench-repeats must be at least 1")
+    config = RunConfig(
+        model=args.model, out=Path(args.out), criterion=args.criterion, ratio=ratio, num_blocks=args.num_blocks,
+        protect_first=args.protect_first, protect_last=args.protect_last, iterative=args.iterative,
+        contiguous=args.contiguous, calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
+        seed=args.seed, heal=None if args.heal == "none" else args.heal, heal_data=args.heal_data,
+        heal_options=heal_options, data_dir=args.data_dir, eval_ppl=ppl, eval_tasks=tasks,
+        eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size,
+        eval_seq_len=args.eval_seq_len,
+        bench_batch_sizes=[] if args.bench == "none" else parse_int_list(args.bench, "batch sizes"),
+        bench_output_lens=parse_int_list(args.bench_output_lens, "output lengths"),
+        bench_repeats=args.bench_repeats,
+        load=dict(dtype=args.dtype, device=args.device, device_map=args.device_map, cache_dir=args.cache_dir,
+                  trust_remote_code=args.trust_remote_code),
+        force=args.force, push_to_hub=args.push_to_hub,
+    )
+    out = run_pipeline(config)
+    if args.push_to_hub:
+        _push(out, args.push_to_hub)
+    print(f"\nmodel card: {out / 'README.md'}")
+    return 0
+
+
+def _split_eval(text: str | None) -> tuple[list[str] | None, list[str] | None]:
+    """'wikitext2,ptb,boolq' -> (['wikitext2', 'ptb'], ['boolq']); None keeps the defaults."""
+    if text is None:
+        return None, None
+    if text.strip().lower() == "none":
+        return [], []
+    from ..evaluation import PAPER_TASKS
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return [t for t in items if t not in PAPER_TASKS], [t for t in items if t in PAPER_TASKS]
+
+
+def _push(folder, repo: str) -> None:
+    from ..errors import ShortenedError
+
+    try:
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(repo, exist_ok=True)
+        upload_folder(repo_id=repo, folder_path=str(folder), ignore_patterns=["stages/*", ".*"])
+    except Exception as exc:  # network, auth: the run itself succeeded, say why the upload did not
+        raise ShortenedError(f"the run finished in {folder}, but the upload to {repo} failed: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    print(f"uploaded {folder} to https://huggingface.co/{repo}")

@@ -1,0 +1,188 @@
+"""``shortened score MODEL --criterion C --calib SRC --out scores.json``: score every block.
+
+Writes the scores as JSON (criterion, scores, settings, calibration, library versions), the same as
+CSV next to it (``scores.csv``), and a bar chart (``scores.png``). Lower score = less important.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ShortenedError
+from ._common import HelpFormatter, add_model_args, load_from_args
+
+EXAMPLES = """examples:
+  shortened score smollm2-135m --criterion ppl --calib data/books/ --out runs/ppl.json
+  shortened score smollm2-135m --criterion taylor --calib self --n-samples 10 --seq-len 128 --out runs/taylor.json
+  shortened score ./my-llama --criterion angular --calib 'texts/*.jsonl' --out runs/angular.json
+  shortened score meta-llama/Llama-3.1-70B --criterion ppl --calib wikitext2 --offload --out runs/70b.json
+  shortened score smollm2-135m --criterion magnitude --norm l2 --out runs/mag.json
+"""
+
+CALIB_HELP = ("calibration text: a .txt/.jsonl file, a folder or a glob; 'self' (text sampled from the model, "
+              "seeded); or, when online, wikitext2, bookcorpus, c4, hf:NAME[:CONFIG][:SPLIT]")
+
+
+def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: bool = True) -> None:
+    """Criterion, calibration and engine options, shared with ``shortened prune``."""
+    from ..criteria import criterion_names
+
+    if required_criterion:
+        parser.add_argument("--criterion", required=True, metavar="CRITERION",
+                            help=f"importance criterion: {', '.join(criterion_names())}")
+    cal = parser.add_argument_group("calibration data")
+    cal.add_argument("--calib", default=None, help=CALIB_HELP)
+    cal.add_argument("--n-samples", type=int, default=10, help="number of calibration windows")
+    cal.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    cal.add_argument("--seed", type=int, default=1234, help="seed of the window sampling (and of --calib self, random)")
+    opt = parser.add_argument_group("criterion options")
+    opt.add_argument("--norm", choices=("l1", "l2"), default=None, help="magnitude: sum of |w| (l1) or the L2 norm")
+    opt.add_argument("--angular-tokens", choices=("last", "all"), default=None,
+                     help="angular: distance at the last token of each sample (the paper) or over all tokens")
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--batch-size", type=int, default=None, help="calibration samples per micro-batch (default: all)")
+    eng.add_argument("--offload", action="store_true",
+                     help="keep the blocks on the CPU and move one at a time to the accelerator (--device)")
+    eng.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The criterion-specific options given on the command line, checked against the criterion."""
+    from ..criteria import get_criterion
+
+    get_criterion(args.criterion)  # unknown name: one line listing the valid ones
+    options: dict[str, Any] = {}
+    given = {"norm": ("magnitude", args.norm), "tokens": ("angular", args.angular_tokens)}
+    for key, (owner, value) in given.items():
+        if value is None:
+            continue
+        if args.criterion != owner:
+            flag = "--norm" if key == "norm" else "--angular-tokens"
+            raise ShortenedError(f"{flag} applies to the {owner} criterion, not {args.criterion}")
+        options[key] = value
+    if args.criterion == "random":
+        options["seed"] = args.seed
+    return options
+
+
+def load_for_scoring(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Load the model; with --offload it stays on the CPU and --device is where blocks run."""
+    if args.offload:
+        if args.device_map is not None:
+            raise ShortenedError("--offload and --device-map cannot be combined")
+        exec_device = args.device
+        args.device = "cpu"
+        try:
+            return load_from_args(args)
+        finally:
+            args.device = exec_device
+    return load_from_args(args)
+
+
+def compute_scores(args: argparse.Namespace, model: Any, tokenizer: Any, *, skip: list[int] | None = None):
+    """Calibration data (when the criterion needs it) and the scores. Returns (BlockScores, calib info)."""
+    from ..criteria import get_criterion, score_blocks
+
+    crit = get_criterion(args.criterion)
+    options = criterion_options(args)
+    ids, info = calibration_from_args(args, model, tokenizer) if crit.needs_data else (None, None)
+    scores = score_blocks(model, ids, args.criterion, skip=skip or (), batch_size=args.batch_size,
+                          offload=args.offload, device=args.device if args.offload else None,
+                          progress=not args.no_progress, **options)
+    return scores, info
+
+
+def calibration_from_args(args: argparse.Namespace, model: Any, tokenizer: Any):
+    from ..data import calibration_data
+
+    if args.calib is None:
+        raise ShortenedError(
+            f"criterion {args.criterion} needs calibration data: pass --calib PATH, --calib self, or a Hub "
+            "dataset (wikitext2, bookcorpus, c4, hf:NAME) when online")
+    cal = calibration_data(args.calib, tokenizer, n_samples=args.n_samples, seq_len=args.seq_len,
+                           seed=args.seed, model=model)
+    return cal.ids, cal.info
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score every block's importance (lower = remove first)",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    add_model_args(p)
+    add_scoring_args(p)
+    p.add_argument("--out", required=True, help="scores JSON file; the CSV and the PNG chart go next to it")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=run)
+
+
+def output_paths(out: str) -> dict[str, Path]:
+    base = Path(out)
+    stem = base.with_suffix("") if base.suffix.lower() == ".json" else base
+    return {"json": stem.with_suffix(".json") if base.suffix.lower() != ".json" else base,
+            "csv": stem.with_suffix(".csv"), "png": stem.with_suffix(".png")}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..archs import get_arch
+    from ..io import library_versions, now_iso
+
+    paths = output_paths(args.out)
+    for path in paths.values():  # refuse before the (slow) load and scoring
+        if path.exists() and not args.overwrite:
+            raise ShortenedError(f"output {path} already exists; pass --overwrite to replace it")
+        if path.exists() and path.is_dir():
+            raise ShortenedError(f"output {path} is a folder")
+    criterion_options(args)  # option mistakes before the load too
+    model, tokenizer = load_for_scoring(args)
+    scores, calib = compute_scores(args, model, tokenizer)
+    record = scores_record(args.model, model, scores, calib)
+    record.update(created=now_iso(), versions=library_versions())
+    write_scores_files(record, paths)
+    lo = sorted(range(len(scores.scores)), key=lambda i: scores.scores[i])[:5]
+    print(f"{scores.criterion} scores of {len(scores.scores)} blocks ({get_arch(model).model_types[0]}) -> "
+          f"{paths['json']}, {paths['csv'].name}, {paths['png'].name}; lowest: {lo}")
+    return 0
+
+
+def scores_record(source: str, model: Any, scores: Any, calib: dict | None) -> dict[str, Any]:
+    """The content of a scores file."""
+    return {"format_version": 1, "tool": "shortened", "kind": "block_scores", "model": source,
+            "model_type": model.config.model_type, **scores.to_dict(), "calibration": calib}
+
+
+def write_scores_files(record: dict[str, Any], paths: dict[str, Path], highlight: list[int] | None = None) -> None:
+    """JSON, CSV and PNG, each written to a temporary file and renamed, the JSON last."""
+    from ..io import write_json
+    from ..plots import plot_scores
+
+    scores = record["scores"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["block", "score"])
+    for i, s in enumerate(scores):
+        w.writerow([i, "" if s is None else repr(float(s))])
+    _atomic_write(paths["csv"], lambda tmp: tmp.write_text(buf.getvalue()))
+    title = f"{record['criterion']} scores, {record.get('model', '')}"
+    _atomic_write(paths["png"], lambda tmp: plot_scores(scores, tmp, title=title, ylabel=record["criterion"],
+                                                         highlight=highlight or ()))
+    write_json(paths["json"], record)
+
+
+def _atomic_write(path: Path, writer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -1,0 +1,155 @@
+"""Block importance criteria behind one registry, and :func:`score_blocks`, the entry point.
+
+Every criterion returns one score per block, lower = less important (the block to remove first):
+
+- ``ppl``: perplexity of the calibration set with that single block removed (Shortened LLaMA).
+- ``taylor``: sum over the block's parameters of ``|w * dL/dw|`` (Shortened LLaMA, after LLM-Pruner).
+- ``magnitude``: sum of ``|w|`` (or the L2 norm) of the block's parameters.
+- ``bi``: Block Influence, ``1 - cos(input, output)`` averaged over tokens (ShortGPT).
+- ``angular``: ``arccos(cos(h_l, h_(l+n))) / pi`` (Gromov et al.); per-span scores for every n too.
+- ``random``: seeded uniform scores, the baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..archs import get_arch
+from ..engine import BlockScores, Engine
+from ..errors import ShortenedError
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered criterion: ``fn(engine, **options) -> (scores per active block, extra)``."""
+
+    name: str
+    fn: Callable[..., tuple[list[float], dict[str, Any]]]
+    needs_data: bool
+    #: Default (protect_first, protect_last) for selection: the paper's "+" heuristic where it needed it.
+    protect: tuple[int, int]
+    description: str
+
+    def options(self) -> dict[str, Any]:
+        """The criterion's options and their defaults."""
+        params = list(inspect.signature(self.fn).parameters.values())[1:]
+        return {p.name: p.default for p in params}
+
+
+def _registry() -> dict[str, Criterion]:
+    from . import angular, bi, magnitude, ppl, random, taylor
+
+    return {c.name: c for c in (m.CRITERION for m in (ppl, taylor, magnitude, bi, angular, random))}
+
+
+CRITERIA: dict[str, Criterion] = _registry()
+
+
+def criterion_names() -> list[str]:
+    """The registered criteria, in the order above."""
+    return list(CRITERIA)
+
+
+def get_criterion(name: str) -> Criterion:
+    """The registered criterion ``name``; a one-line error listing the valid names otherwise."""
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise ShortenedError(f"unknown criterion '{name}': choose one of {', '.join(CRITERIA)}") from None
+
+
+def default_protection(criterion: str) -> tuple[int, int]:
+    """(protect_first, protect_last) used when the user does not say: 4/2 for taylor and magnitude."""
+    return get_criterion(criterion).protect
+
+
+def score_blocks(
+    model: nn.Module,
+    calib_ids: torch.Tensor | None,
+    criterion: str,
+    *,
+    skip: Sequence[int] = (),
+    batch_size: int | None = None,
+    offload: bool = False,
+    device: str | torch.device | None = None,
+    batch_tokens: int | None = None,
+    loss_chunk: int | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> BlockScores:
+    """Score every block of ``model`` on ``calib_ids`` (LongTensor[n_samples, seq_len]).
+
+    ``skip`` treats those blocks as already removed (used by the iterative driver); their score is None.
+    ``batch_size`` splits the samples into micro-batches for the capture pass; ``offload`` keeps the
+    blocks where they are (CPU) and moves one at a time to ``device``. Remaining ``options`` go to the
+    criterion (e.g. ``norm="l2"`` for magnitude, ``seed`` for random, ``tokens`` for angular).
+    """
+    crit = get_criterion(criterion)
+    allowed = crit.options()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        valid = ", ".join(allowed) or "none"
+        raise ShortenedError(f"criterion '{criterion}' has no option '{unknown[0]}' (its options: {valid})")
+    if crit.needs_data and calib_ids is None:
+        raise ShortenedError(f"criterion '{criterion}' needs calibration data (calib_ids)")
+    spec = get_arch(model)
+    engine_kw: dict[str, Any] = {}
+    if batch_tokens is not None:
+        engine_kw["batch_tokens"] = batch_tokens
+    if loss_chunk is not None:
+        engine_kw["loss_chunk"] = loss_chunk
+    with _offloaded(model, spec, offload, device) as exec_device:
+        engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip, batch_size=batch_size,
+                        offload=offload, device=exec_device, progress=progress, spec=spec, **engine_kw)
+        values, extra = crit.fn(engine, **options)
+    if len(values) != len(engine.active):
+        raise AssertionError(f"criterion {criterion} returned {len(values)} scores for {len(engine.active)} blocks")
+    scores: list[float | None] = [None] * engine.num_blocks
+    for i, v in zip(engine.active, values):
+        scores[i] = float(v)
+    settings: dict[str, Any] = {**allowed, **options}
+    if crit.needs_data and calib_ids is not None:
+        settings.update(n_samples=int(calib_ids.shape[0]), seq_len=int(calib_ids.shape[1]),
+                        batch_size=engine.batch_size)
+    settings.update(skip=list(engine.skip), offload=bool(offload))
+    span = extra.pop("span_scores", None)
+    return BlockScores(criterion=criterion, scores=scores, settings=settings, span_scores=span, extra=extra)
+
+
+@contextlib.contextmanager
+def _offloaded(model: nn.Module, spec: Any, offload: bool, device: Any) -> Iterator[Any]:
+    """In offloaded mode, put everything but the blocks on the execution device for the duration."""
+    if not offload:
+        yield device
+        return
+    from ..surgery import _set_submodule
+    from ..archs import get_blocks
+
+    exec_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    blocks = get_blocks(model, spec)
+    home = next(blocks[0].parameters()).device
+
+    def move_rest(to: torch.device) -> None:
+        _set_submodule(model, spec.blocks, nn.ModuleList())  # detach the blocks so .to() leaves them
+        try:
+            model.to(to)
+        finally:
+            _set_submodule(model, spec.blocks, blocks)
+
+    blocks.to(home)
+    move_rest(exec_device)
+    try:
+        yield exec_device
+    finally:
+        move_rest(home)
+
+
+__all__ = ["BlockScores", "CRITERIA", "Criterion", "criterion_names", "default_protection",
+           "get_criterion", "score_blocks"]

@@ -1,0 +1,403 @@
+"""The scoring engine: one capture pass, then every "model without block i" from cached block inputs.
+
+A calibration batch is run through the model once with ``use_cache=False``; forward pre-hooks keep each
+block's input hidden states and its call arguments (attention mask, position embeddings: they can differ
+per block, e.g. sliding-window layers in Gemma 2/3). The model with block ``i`` removed is then block
+``i``'s cached input run through the later blocks only (each with its own cached arguments), then the
+head. Blocks are visited once, in order, each applied to every candidate stream that needs it (batched
+together), so only one block's weights must be on the accelerator at a time: that is the offloaded mode.
+
+Everything here is exact: the streams compute the same function as a pruned copy of the model (the
+reference tests check it to 1e-4 against :func:`shortened.surgery.remove_blocks` and a full forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .archs import ArchSpec, get_arch, get_blocks, get_submodule
+from .errors import ShortenedError
+
+#: Tokens per head chunk when computing the loss over the vocabulary (keeps [chunk, vocab] logits small).
+DEFAULT_LOSS_CHUNK = 1024
+#: Tokens per block call when several candidate streams are batched together on an accelerator. On a
+#: CPU the default is one stream per call: bigger batches only push activations out of the caches.
+DEFAULT_BATCH_TOKENS = 16384
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook at the last block: nothing after it is needed."""
+
+
+@dataclass
+class _Call:
+    """How a block was called: positional args after the hidden states, kwargs, where the hidden goes."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    hidden_key: str | None  # None: the hidden states are the first positional argument
+
+
+@dataclass
+class Capture:
+    """One micro-batch of calibration samples after the capture pass."""
+
+    ids: torch.Tensor                       # [b, seq]
+    inputs: list[torch.Tensor | None]       # input of each block in the dense model (None past the stop)
+    calls: list[_Call]                      # per block
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+
+def check_calib_ids(calib_ids: Any, vocab_size: int | None = None) -> torch.Tensor:
+    """Validate ``calib_ids`` as a LongTensor[n_samples, seq_len] with seq_len >= 2."""
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2:
+        raise ShortenedError("calibration ids must be a LongTensor of shape [n_samples, seq_len]")
+    if calib_ids.dtype not in (torch.int64, torch.int32):
+        raise ShortenedError(f"calibration ids must be integer token ids, got {calib_ids.dtype}")
+    n, seq = calib_ids.shape
+    if n < 1 or seq < 2:
+        raise ShortenedError(f"need at least 1 calibration sample of at least 2 tokens, got shape {tuple(calib_ids.shape)}")
+    if vocab_size is not None and (calib_ids.min() < 0 or calib_ids.max() >= vocab_size):
+        raise ShortenedError(f"calibration ids must lie in 0..{vocab_size - 1} (the model's vocabulary)")
+    return calib_ids.long()
+
+
+def _expand(obj: Any, n: int, r: int) -> Any:
+    """Tile a captured argument built for a batch of ``n`` to ``r`` stacked copies of that batch.
+
+    Tensors whose first dimension is the batch are tiled (stream-major, matching ``torch.cat``); others
+    (broadcast masks, position embeddings of batch 1, scalars) are left alone.
+    """
+    if r == 1:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() >= 2 and obj.shape[0] == n and n > 1:
+            return obj.repeat(r, *([1] * (obj.dim() - 1)))
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(_expand(o, n, r) for o in obj)
+    if isinstance(obj, list):
+        return [_expand(o, n, r) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _expand(v, n, r) for k, v in obj.items()}
+    return obj
+
+
+def call_block(block: nn.Module, call: _Call, hidden: torch.Tensor, n: int) -> torch.Tensor:
+    """Run ``block`` on ``hidden`` (``r * n`` sequences) with its captured arguments for ``n``."""
+    r = hidden.shape[0] // n
+    args, kwargs = _expand(call.args, n, r), _expand(call.kwargs, n, r)
+    if call.hidden_key is None:
+        out = block(hidden, *args, **kwargs)
+    else:
+        out = block(*args, **{**kwargs, call.hidden_key: hidden})
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Engine:
+    """Cached block inputs and arguments of a calibration set, and the computations built on them.
+
+    ``skip`` lists blocks that are treated as already removed (they are bypassed, which computes exactly
+    what the pruned model computes); ``offload`` keeps blocks off ``device`` and moves one at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calib_ids: torch.Tensor | None,
+        *,
+        skip: Sequence[int] = (),
+        batch_size: int | None = None,
+        offload: bool = False,
+        device: str | torch.device | None = None,
+        batch_tokens: int | None = None,
+        loss_chunk: int = DEFAULT_LOSS_CHUNK,
+        progress: bool = True,
+        spec: ArchSpec | None = None,
+    ) -> None:
+        self.model = model
+        self.spec = spec or get_arch(model)
+        self.blocks = get_blocks(model, self.spec)
+        self.num_blocks = len(self.blocks)
+        bad = [i for i in skip if not 0 <= i < self.num_blocks]
+        if bad:
+            raise ShortenedError(f"block {bad[0]} to skip is out of range (the model has {self.num_blocks} blocks)")
+        self.skip = sorted(set(skip))
+        self.active = [i for i in range(self.num_blocks) if i not in set(self.skip)]
+        if not self.active:
+            raise ShortenedError("every block is skipped: nothing to score")
+        self.offload = offload
+        self.loss_chunk = max(1, loss_chunk)
+        self.progress = progress
+        if offload:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.home = next(self.blocks[0].parameters()).device
+        else:
+            self.device = _module_device(model) if device is None else torch.device(device)
+            self.home = self.device
+        if batch_tokens is None:
+            batch_tokens = DEFAULT_BATCH_TOKENS if self.device.type != "cpu" else 1
+        self.batch_tokens = max(1, batch_tokens)
+        self.calib_ids = None if calib_ids is None else check_calib_ids(
+            calib_ids, getattr(model.config, "vocab_size", None))
+        self.batch_size = batch_size or (self.calib_ids.shape[0] if self.calib_ids is not None else 1)
+        if self.batch_size < 1:
+            raise ShortenedError("batch size must be at least 1")
+        self._captures: list[Capture] | None = None
+        self._head = [m for m in (get_submodule(model, p) for p in self.spec.head) if m is not None]
+        cap = getattr(model.config, self.spec.logit_softcap_field, None) if self.spec.logit_softcap_field else None
+        self.softcap: float | None = float(cap) if cap else None
+
+    # ----------------------------------------------------------------- capture
+    @property
+    def captures(self) -> list[Capture]:
+        if self._captures is None:
+            if self.calib_ids is None:
+                raise ShortenedError("this criterion needs calibration data")
+            self._captures = [self._capture(chunk) for chunk in self.calib_ids.split(self.batch_size)]
+        return self._captures
+
+    def _capture(self, ids: torch.Tensor) -> Capture:
+        """Run ``ids`` through the model with ``use_cache=False`` and record every block's call."""
+        n_blocks = self.num_blocks
+        inputs: list[torch.Tensor | None] = [None] * n_blocks
+        calls: list[_Call | None] = [None] * n_blocks
+        handles = []
+
+        def make_hook(i: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if args:
+                    hidden, call = args[0], _Call(tuple(args[1:]), dict(kwargs), None)
+                else:
+                    hidden = kwargs["hidden_states"]
+                    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                    call = _Call((), rest, "hidden_states")
+                inputs[i], calls[i] = hidden.detach(), call
+                if i == n_blocks - 1:
+                    raise _StopForward
+                if self.offload:
+                    module.to(self.device)
+
+            return hook
+
+        def make_post(i: int):
+            def post(module: nn.Module, args: tuple, output: Any) -> None:
+                module.to(self.home)
+
+            return post
+
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+            if self.offload:
+                handles.append(block.register_forward_hook(make_post(i)))
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if any(c is None for c in calls):
+            raise ShortenedError("the model's forward did not call every block; cannot score its blocks")
+        for c in calls:  # a cache object in the arguments would be updated by every re-run
+            c.kwargs = {k: (None if k in ("cache", "past_key_values", "past_key_value", "layer_past") else v)
+                        for k, v in c.kwargs.items()}
+            if "use_cache" in c.kwargs:
+                c.kwargs["use_cache"] = False
+        return Capture(ids=ids.to(self.device), inputs=inputs, calls=calls)  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------- blocks
+    @contextlib.contextmanager
+    def on_device(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index``, on the execution device for the duration (offloaded mode moves it back)."""
+        block = self.blocks[index]
+        if self.offload:
+            block.to(self.device)
+        try:
+            yield block
+        finally:
+            if self.offload:
+                block.to(self.home)
+
+    def run_streams(self, block: nn.Module, index: int, cap: Capture, streams: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply one block to several streams of the same micro-batch, batched up to ``batch_tokens``."""
+        n, seq = cap.ids.shape
+        per_call = max(1, self.batch_tokens // (n * seq))
+        out: list[torch.Tensor] = []
+        for start in range(0, len(streams), per_call):
+            group = streams[start:start + per_call]
+            x = group[0] if len(group) == 1 else torch.cat(group, 0)
+            y = call_block(block, cap.calls[index], x, n)
+            out.extend(y.split(n, 0) if len(group) > 1 else [y])
+        return out
+
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="block", disable=not self.progress, leave=False)
+
+    # ----------------------------------------------------------------- head and loss
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, optional projection, LM head and logit soft-cap (as the model's own forward)."""
+        for module in self._head:
+            hidden = module(hidden)
+        if self.softcap:
+            hidden = torch.tanh(hidden / self.softcap) * self.softcap
+        return hidden
+
+    def nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sum of next-token NLL of ``hidden`` [r*b, seq, h] against ``ids`` [b, seq], per stream ([r]).
+
+        The head runs on chunks of tokens so [tokens, vocab] logits are never materialised whole, and the
+        last position (no target) is not computed at all.
+        """
+        b, seq = ids.shape
+        r = hidden.shape[0] // b
+        x = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = ids[:, 1:].reshape(1, -1).expand(r, -1).reshape(-1)
+        per_token = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        for start in range(0, x.shape[0], self.loss_chunk):
+            logits = self.head(x[start:start + self.loss_chunk]).float()
+            t = targets[start:start + self.loss_chunk]
+            per_token[start:start + self.loss_chunk] = (
+                torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1))
+        return per_token.view(r, -1).double().sum(1)
+
+    # ----------------------------------------------------------------- computations
+    def removal_nll(self, candidates: Sequence[int] | None = None) -> dict[int, float]:
+        """Mean next-token NLL of the model with each candidate block (one at a time) also removed.
+
+        Streams: candidate ``i`` starts from block ``i``'s input and runs the later active blocks. One
+        visit per block applies it to every stream that needs it.
+        """
+        cands = set(self.active if candidates is None else candidates)
+        caps = self.captures
+        use_captured = not self.skip  # the dense stream is the captured inputs themselves
+        streams: list[dict[int, torch.Tensor]] = [{} for _ in caps]
+        dense: list[torch.Tensor | None] = [c.inputs[0] for c in caps]
+        last = self.active[-1]
+        with torch.inference_mode(), self._bar(len(self.active), "ppl") as bar:
+            for j in self.active:
+                with self.on_device(j) as block:
+                    for m, cap in enumerate(caps):
+                        h_in = cap.inputs[j] if use_captured else dense[m]
+                        keys = sorted(streams[m])
+                        todo = [streams[m][i] for i in keys]
+                        need_dense = not use_captured and j != last
+                        if need_dense:
+                            todo.append(h_in)
+                        outs = self.run_streams(block, j, cap, todo) if todo else []
+                        for i, y in zip(keys, outs):
+                            streams[m][i] = y
+                        if need_dense:
+                            dense[m] = outs[-1]
+                        if j in cands:
+                            streams[m][j] = h_in
+                bar.update()
+        totals = {i: 0.0 for i in cands}
+        count = 0
+        with torch.inference_mode():
+            for m, cap in enumerate(caps):
+                keys = sorted(streams[m])
+                count += cap.ids.shape[0] * (cap.ids.shape[1] - 1)
+                per_call = max(1, self.batch_tokens // cap.ids.numel())
+                for s in range(0, len(keys), per_call):
+                    group = keys[s:s + per_call]
+                    sums = self.nll_sum(torch.cat([streams[m][i] for i in group], 0), cap.ids)
+                    for i, v in zip(group, sums.tolist()):
+                        totals[i] += v
+                    for i in group:
+                        del streams[m][i]  # free as we go
+        return {i: totals[i] / count for i in sorted(totals)}
+
+    def dense_hiddens(self, reduce: str = "all") -> list[list[torch.Tensor]]:
+        """Per micro-batch, the residual stream at every active block boundary: inputs of the active
+        blocks in order, then the last active block's output (``len(active) + 1`` tensors).
+
+        ``reduce="last"`` keeps only the last token of each sample ([b, h]) to save memory.
+        """
+        caps = self.captures
+        use_captured = not self.skip
+        out: list[list[torch.Tensor]] = [[] for _ in caps]
+        pick = (lambda t: t[:, -1]) if reduce == "last" else (lambda t: t)
+        h = [c.inputs[0] for c in caps]
+        with torch.no_grad(), self._bar(len(self.active), "hidden states") as bar:
+            for k, j in enumerate(self.active):
+                need_run = (not use_captured) or j == self.active[-1]
+                with contextlib.ExitStack() as stack:
+                    block = stack.enter_context(self.on_device(j)) if need_run else None
+                    for m, cap in enumerate(caps):
+                        h_in = cap.inputs[j] if use_captured else h[m]
+                        out[m].append(pick(h_in))
+                        if need_run:
+                            h[m] = self.run_streams(block, j, cap, [h_in])[0]
+                bar.update()
+        for m in range(len(caps)):
+            out[m].append(pick(h[m]))
+        return out
+
+    def num_targets(self) -> int:
+        return sum(c.ids.shape[0] * (c.ids.shape[1] - 1) for c in self.captures)
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def perplexity(mean_nll: float) -> float:
+    """``exp`` of a mean token NLL (inf past float range)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return float("inf")
+
+
+@dataclass
+class BlockScores:
+    """One importance score per block (lower = less important) and how they were computed."""
+
+    criterion: str
+    #: ``scores[i]`` for original block ``i``; None for blocks skipped as already removed.
+    scores: list[float | None]
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: For ``angular``: ``span_scores[n - 1][l]`` = distance when removing blocks ``l .. l+n-1``.
+    span_scores: list[list[float]] | None = None
+    #: Extra figures (e.g. the mean NLL per removal for ``ppl``).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"criterion": self.criterion, "num_blocks": self.num_blocks,
+                             "scores": list(self.scores), "settings": dict(self.settings)}
+        if self.span_scores is not None:
+            d["span_scores"] = self.span_scores
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlockScores":
+        try:
+            scores = [None if s is None else float(s) for s in d["scores"]]
+            criterion = str(d["criterion"])
+        except (KeyError, TypeError, ValueError):
+            raise ShortenedError("not a scores file: expected 'criterion' and a list of numeric 'scores'") from None
+        return cls(criterion=criterion, scores=scores, settings=dict(d.get("settings", {})),
+                   span_scores=d.get("span_scores"), extra=dict(d.get("extra", {})))

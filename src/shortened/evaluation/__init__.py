@@ -1,0 +1,113 @@
+"""Evaluation of a (pruned) model: perplexity with the paper's protocol and the seven zero-shot tasks
+through lm-evaluation-harness, online (Hub) or offline (a folder of the original data files).
+
+    from shortened.evaluation import evaluate
+    results = evaluate(model, tokenizer, data_dir="../shared/data", limit=20)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..errors import ShortenedError
+from ..io import library_versions, now_iso
+# The function ``perplexity`` is not re-exported: it would shadow the submodule of the same name.
+from .perplexity import load_ppl_text, perplexity_on
+from .tables import RESULTS_KIND, compare_files, load_results, markdown_table
+from .zeroshot import PAPER_METRICS, SEEDS, run_tasks
+
+__all__ = [
+    "PAPER_METRICS", "PAPER_PPL", "PAPER_TASKS", "compare_files", "evaluate", "load_ppl_text", "load_results",
+    "markdown_table", "perplexity_on",
+]
+
+#: The paper's perplexity sets and zero-shot tasks (in its column order).
+PAPER_PPL: tuple[str, ...] = ("wikitext2", "ptb")
+PAPER_TASKS: tuple[str, ...] = tuple(PAPER_METRICS)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    ppl: Sequence[str] = PAPER_PPL,
+    tasks: Sequence[str] = PAPER_TASKS,
+    data_dir: str | os.PathLike | None = None,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    bos: bool = False,
+    limit: int | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity on each set of ``ppl`` and accuracy on each task of ``tasks``, as one results dict.
+
+    ``data_dir`` holds the original data files (the layout of ``../shared/data``); None reads the Hub.
+    ``limit`` takes the first N chunks of each perplexity set and the first N items of each task.
+    The dict (what ``shortened eval --out`` writes) has ``perplexity`` and ``zeroshot`` entries with
+    every metric and wall time, ``average`` (plain mean of the paper's metric over the tasks run),
+    ``settings`` and library ``versions``.
+    """
+    if not ppl and not tasks:
+        raise ShortenedError("nothing to evaluate: give at least one perplexity set or task")
+    if limit is not None and limit < 1:
+        raise ShortenedError(f"limit must be a positive number, got {limit}")
+    if batch_size < 1:
+        raise ShortenedError(f"batch size must be positive, got {batch_size}")
+    unknown = [t for t in tasks if t not in PAPER_METRICS]
+    if unknown:
+        raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_METRICS)}")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        perplexities = {
+            set_name: perplexity_on(model, tokenizer, set_name, data_dir=data_dir, seq_len=seq_len,
+                                    batch_size=batch_size, bos=bos, limit=limit, progress=progress)
+            for set_name in ppl
+        }
+        zeroshot = run_tasks(model, tokenizer, list(tasks), data_dir=data_dir, batch_size=batch_size,
+                             limit=limit, add_bos_token=True if bos else None, progress=progress) if tasks else {}
+    finally:
+        model.train(was_training)
+    values = [zeroshot[t]["value"] for t in PAPER_METRICS if t in zeroshot]
+    return {
+        "format_version": 1,
+        "kind": RESULTS_KIND,
+        "name": name,
+        "created": now_iso(),
+        "model": _model_summary(model),
+        "settings": {
+            "ppl": list(ppl), "tasks": list(tasks), "data_dir": str(data_dir) if data_dir is not None else None,
+            "seq_len": seq_len, "batch_size": batch_size, "bos": bos, "limit": limit,
+            "num_fewshot": 0, "seeds": SEEDS,
+        },
+        "perplexity": perplexities,
+        "zeroshot": zeroshot,
+        "average": sum(values) / len(values) if values else None,
+        "average_over": [t for t in PAPER_METRICS if t in zeroshot],
+        "seconds": round(time.perf_counter() - start, 2),
+        "versions": library_versions(),
+    }
+
+
+def _model_summary(model: nn.Module) -> dict[str, Any]:
+    from ..archs import num_blocks
+
+    config = getattr(model, "config", None)
+    summary: dict[str, Any] = {
+        "model_type": getattr(config, "model_type", None),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    try:
+        summary["num_blocks"] = num_blocks(model)
+    except ShortenedError:
+        summary["num_blocks"] = None
+    return summary

@@ -1,0 +1,172 @@
+"""Perplexity with the paper's protocol.
+
+The text of a set (WikiText-2 raw test rows or PTB validation sentences, joined with ``"\\n\\n"``) is
+tokenized once without special tokens and cut into non-overlapping ``seq_len``-token chunks; the
+remainder is dropped. Each chunk is scored on its own (no context from the previous chunk), and
+``PPL = exp(mean token NLL over all chunks)``. ``seq_len=128`` is the paper's setting; 2048 is the
+other convention in the literature. With ``bos_token_id`` a BOS token is put before every chunk (Gemma
+needs it): the chunk's first token is then scored too, from the BOS, and the BOS itself is not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ShortenedError
+from .sources import PPL_SETS, ROW_SEPARATOR, ppl_rows, read_text_file
+
+__all__ = ["load_ppl_text", "perplexity", "perplexity_on", "tokenize_text"]
+
+# Positions whose float64 log-softmax is taken at once (256 x 49152 vocab x 8 bytes = 100 MB).
+_POSITIONS_PER_SLICE = 256
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its input embedding (also under a device map)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is not None and getattr(embed, "weight", None) is not None:
+        return embed.weight.device
+    return next(model.parameters()).device
+
+
+def chunk_tokens(token_ids: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    """``(n_chunks, seq_len)`` non-overlapping chunks of a 1-D tensor; the remainder is dropped."""
+    if token_ids.dim() != 1:
+        raise ShortenedError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+    if seq_len < 2:
+        raise ShortenedError(f"seq_len must be at least 2, got {seq_len}")
+    if limit is not None and limit < 1:
+        raise ShortenedError(f"limit must be a positive number of chunks, got {limit}")
+    n_chunks = token_ids.numel() // seq_len
+    if limit is not None:
+        n_chunks = min(n_chunks, limit)
+    if n_chunks == 0:
+        raise ShortenedError(f"the text has {token_ids.numel()} tokens: fewer than one chunk of {seq_len}")
+    return token_ids[: n_chunks * seq_len].view(n_chunks, seq_len)
+
+
+@torch.no_grad()
+def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None = None,
+            batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """Summed next-token NLL (float64) and the number of scored tokens over ``chunks`` (n, seq_len)."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ShortenedError(f"batch size must be positive, got {batch_size}")
+    device = input_device(model)
+    total, count = 0.0, 0
+    n = chunks.shape[0]
+    bar = tqdm(total=n, desc=desc, unit="chunk", disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        batch = chunks[start:start + batch_size]
+        if bos_token_id is not None:
+            bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype)
+            batch = torch.cat([bos, batch], dim=1)
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        # Position t predicts token t+1; every chunk is full length, so no padding is involved and
+        # the batch size cannot change which tokens are scored. The log-softmax runs in float64 (an
+        # fp32 log-sum-exp over a large vocabulary drifts by ~1e-5 relative), over slices of
+        # positions so that the float64 copy stays small for long chunks.
+        for row in range(batch.shape[0]):
+            for lo in range(0, batch.shape[1] - 1, _POSITIONS_PER_SLICE):
+                hi = min(lo + _POSITIONS_PER_SLICE, batch.shape[1] - 1)
+                pred = logits[row, lo:hi].double()
+                target = batch[row, lo + 1:hi + 1]
+                total += nn.functional.cross_entropy(pred, target, reduction="sum").item()
+                count += target.numel()
+        bar.update(batch.shape[0])
+    bar.close()
+    return total, count
+
+
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.LongTensor,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    bos_token_id: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of ``model`` on a 1-D token tensor: non-overlapping ``seq_len`` chunks (remainder
+    dropped, first ``limit`` chunks only), optional BOS before each chunk, ``exp(mean token NLL)``."""
+    chunks = chunk_tokens(token_ids, seq_len, limit)
+    total, count = sum_nll(model, chunks, bos_token_id=bos_token_id, batch_size=batch_size, progress=progress)
+    return math.exp(total / count)
+
+
+def load_ppl_text(name: str, data_dir: str | os.PathLike | None) -> str:
+    """The text of a perplexity set: ``wikitext2`` (WikiText-2 raw v1 test rows joined with "\\n\\n"),
+    ``ptb`` (``ptb_text_only`` validation sentences, joined the same way) or a local UTF-8 text file.
+
+    Named sets are read from ``data_dir`` (the layout of ``../shared/data``) or, when it is None, from
+    the Hugging Face Hub; a path is read as it is.
+    """
+    if name in PPL_SETS:
+        return ROW_SEPARATOR.join(ppl_rows(name, data_dir))
+    if os.path.isfile(os.path.expanduser(name)):
+        return read_text_file(name)
+    raise ShortenedError(f"unknown perplexity set '{name}': use {', '.join(PPL_SETS)} or the path of a text file")
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.LongTensor:
+    """Token ids of ``text`` without special tokens, as one 1-D tensor."""
+    if tokenizer is None:
+        raise ShortenedError("perplexity needs a tokenizer, and this model has none")
+    # verbose=False: the whole test set is far longer than the model's context, which is expected here.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def perplexity_on(
+    model: nn.Module,
+    tokenizer: Any,
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    bos: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity on a named set or text file, with what is needed to reproduce it.
+
+    Returns ``{"value", "n_chunks", "n_tokens", "seconds", "settings": {...}}``; ``n_tokens`` counts the
+    scored tokens.
+    """
+    bos_id = None
+    if bos:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise ShortenedError("--bos was asked for but the tokenizer has no BOS token")
+    ids = tokenize_text(tokenizer, load_ppl_text(name, data_dir))
+    chunks = chunk_tokens(ids, seq_len, limit)
+    start = time.perf_counter()
+    total, count = sum_nll(model, chunks, bos_token_id=bos_id, batch_size=batch_size, progress=progress,
+                           desc=f"ppl {os.path.basename(name) or name}")
+    return {
+        "value": math.exp(total / count),
+        "n_chunks": int(chunks.shape[0]),
+        "n_tokens": count,
+        "seconds": round(time.perf_counter() - start, 2),
+        "settings": {
+            "set": name,
+            "source": "local" if data_dir is not None or name not in PPL_SETS else "hub",
+            "data_dir": str(data_dir) if data_dir is not None and name in PPL_SETS else None,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "bos": bos,
+            "bos_token_id": bos_id,
+            "limit": limit,
+            "text_tokens": int(ids.numel()),
+        },
+    }

@@ -1,0 +1,393 @@
+"""``shortened run``: score, prune, heal, evaluate, benchmark and write the model card, as resumable stages.
+
+Layout of the output folder ``OUT``::
+
+    OUT/                      the final model (healed if healing ran), a ready Hugging Face model repo
+      README.md               the model card
+      pruning.json            the run record
+      scores.png, bench.png, loss.png, results/*.json
+      stages/                 every stage's own output (kept; a re-run skips finished stages)
+        calibration/ scores/ pruned/ healed/ heldout/ eval-dense/ eval-pruned/ eval-healed/ bench/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ShortenedError
+from .io import RECORD_FILE, read_json, write_json
+from .stages import StageRunner
+
+#: Files of the final model copied (hard-linked when possible) from its stage folder to OUT.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt")
+HELDOUT_NOTE = ("Perplexity on held-out text sampled from the dense model itself (no data folder was given): "
+                "a quick sanity check of how much of the original distribution survives, not a benchmark.")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a ``shortened run``; stages record the parts they depend on."""
+
+    model: str
+    out: Path
+    # selection
+    criterion: str = "ppl"
+    ratio: float | None = None
+    num_blocks: int | None = None
+    protect_first: int | None = None
+    protect_last: int | None = None
+    iterative: bool = False
+    contiguous: bool = False
+    # calibration
+    calib: str = "self"
+    n_samples: int = 10
+    seq_len: int = 128
+    seed: int = 1234
+    # healing (None: no healing)
+    heal: str | None = None
+    heal_data: str | None = None
+    heal_options: dict[str, Any] = field(default_factory=dict)
+    # evaluation
+    data_dir: str | None = None
+    eval_ppl: Sequence[str] | None = None      # None: wikitext2,ptb with a data dir, else held-out text
+    eval_tasks: Sequence[str] | None = None    # None: the seven tasks with a data dir, else none
+    eval_limit: int | None = None
+    eval_batch_size: int = 8
+    eval_seq_len: int = 128
+    heldout_samples: int = 8
+    # benchmark (empty batch sizes: no benchmark)
+    bench_batch_sizes: Sequence[int] = (1, 8)
+    bench_output_lens: Sequence[int] = (128,)
+    bench_repeats: int = 3
+    # loading and control
+    load: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+    push_to_hub: str | None = None
+
+    def check(self) -> None:
+        from .selection import blocks_to_remove
+
+        if (self.ratio is None) == (self.num_blocks is None):
+            raise ShortenedError("give exactly one of --ratio and --num-blocks")
+        blocks_to_remove(1000, num_blocks=None if self.ratio is not None else 1, ratio=self.ratio)
+        if self.heal not in (None, "lora", "full", "distill"):
+            raise ShortenedError(f"unknown healing method '{self.heal}': choose lora, full or distill")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ShortenedError(f"data folder not found: {self.data_dir}")
+
+
+class Pipeline:
+    """Runs the stages of a ``RunConfig``; each stage is a method, the dense model is loaded once."""
+
+    def __init__(self, config: RunConfig, log: Callable[[str], None] = print):
+        self.c = config
+        self.out = Path(config.out)
+        self.log = log
+        self.stages = StageRunner(self.out / "stages", force=config.force, log=log)
+        self._dense: tuple[Any, Any] | None = None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def dense(self) -> tuple[Any, Any]:
+        if self._dense is None:
+            from .loading import load_model
+
+            self._dense = load_model(self.c.model, **self.c.load)
+        return self._dense
+
+    def _load(self, folder: Path) -> tuple[Any, Any]:
+        from .loading import load_model
+
+        return load_model(str(folder), **self.c.load)
+
+    @property
+    def _eval_ppl(self) -> list[str]:
+        if self.c.eval_ppl is not None:
+            return list(self.c.eval_ppl)
+        return ["wikitext2", "ptb"] if self.c.data_dir else ["heldout"]
+
+    @property
+    def _eval_tasks(self) -> list[str]:
+        if self.c.eval_tasks is not None:
+            return list(self.c.eval_tasks)
+        from .evaluation import PAPER_TASKS
+
+        return list(PAPER_TASKS) if self.c.data_dir else []
+
+    # -- stages ------------------------------------------------------------------------------------
+    def calibration(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        from safetensors.torch import load_file, save_file
+
+        from .data import calibration_data
+
+        settings = dict(model=self.c.model, calib=self.c.calib, n_samples=self.c.n_samples,
+                        seq_len=self.c.seq_len, seed=self.c.seed)
+
+        def work(tmp: Path) -> None:
+            model, tokenizer = self.dense()
+            calib = calibration_data(self.c.calib, tokenizer, n_samples=self.c.n_samples, seq_len=self.c.seq_len,
+                                     seed=self.c.seed, model=model)
+            save_file({"input_ids": calib.ids.contiguous()}, str(tmp / "calibration.safetensors"))
+            write_json(tmp / "calibration.json", calib.info)
+
+        folder = self.stages.run("calibration", settings, work)
+        return load_file(str(folder / "calibration.safetensors"))["input_ids"], read_json(folder / "calibration.json")
+
+    def selection(self) -> dict[str, Any]:
+        """Score the blocks and choose the ones to remove; returns the ``selection`` record."""
+        from .criteria import get_criterion
+
+        settings = dict(model=self.c.model, criterion=self.c.criterion, ratio=self.c.ratio,
+                        num_blocks=self.c.num_blocks, protect_first=self.c.protect_first,
+                        protect_last=self.c.protect_last, iterative=self.c.iterative, contiguous=self.c.contiguous)
+        needs_data = get_criterion(self.c.criterion).needs_data
+        if needs_data:
+            ids, calib = self.calibration()
+            settings["calibration"] = self.stages.token("calibration")
+        else:
+            ids, calib = None, None
+
+        def work(tmp: Path) -> None:
+            from .commands.score import output_paths, scores_record, write_scores_files
+            from .criteria import score_blocks
+            from .selection import iterative_select, select_blocks
+
+            model, _ = self.dense()
+            sel = dict(num_blocks=self.c.num_blocks, ratio=self.c.ratio,
+                       protect_first=self.c.protect_first, protect_last=self.c.protect_last)
+            if self.c.iterative:
+                plan, history = iterative_select(model, ids, self.c.criterion, **sel)
+                scores = history[0]
+            else:
+                scores = score_blocks(model, ids, self.c.criterion)
+                plan = select_blocks(scores, contiguous=self.c.contiguous, **sel)
+            record = scores_record(self.c.model, model, scores, calib)
+            write_scores_files(record, output_paths(str(tmp / "scores.json")), highlight=plan.remove)
+            plan_dict = plan.to_dict()
+            steps = plan_dict.pop("steps", [])
+            write_json(tmp / "selection.json", {
+                "method": plan.method, "criterion": scores.criterion, "removed": plan.remove, "plan": plan_dict,
+                "scores": scores.to_dict(), "calibration": calib, "iterative_steps": steps,
+            })
+
+        folder = self.stages.run("scores", settings, work)
+        return read_json(folder / "selection.json")
+
+    def pruned(self) -> Path:
+        selection = self.selection()
+        settings = {"scores": self.stages.token("scores"), "model": self.c.model}
+
+        def work(tmp: Path) -> None:
+            from .io import pruning_record, save_model
+            from .loading import load_model
+            from .surgery import remove_blocks
+
+            # A fresh copy: the dense model stays intact for evaluation and as the teacher.
+            model, tokenizer = load_model(self.c.model, **self.c.load)
+            n = len(selection["scores"]["scores"])
+            kept = remove_blocks(model, selection["removed"])
+            record = pruning_record(self.c.model, n, kept, model_type=model.config.model_type, selection=selection)
+            save_model(model, tokenizer, tmp / "model", record)
+            for item in (tmp / "model").iterdir():
+                os.replace(item, tmp / item.name)
+            (tmp / "model").rmdir()
+
+        return self.stages.run("pruned", settings, work)
+
+    def heal_text(self) -> str:
+        """Healing data: the user's, else Alpaca from the data folder, else text sampled from the dense model."""
+        if self.c.heal_data:
+            return self.c.heal_data
+        if self.c.data_dir:
+            alpaca = Path(self.c.data_dir) / "alpaca" / "alpaca_data_2k_subset.json"
+            if alpaca.is_file():
+                return str(alpaca)
+        folder = self._sampled_text("heal-data", n=64, seed=self.c.seed + 2)
+        return str(folder / "text.txt")
+
+    def healed(self, pruned: Path) -> Path | None:
+        if self.c.heal is None:
+            return None
+        data = self.heal_text()
+        settings = {"pruned": self.stages.token("pruned"), "method": self.c.heal, "data": data,
+                    "options": self.c.heal_options}
+
+        def work(tmp: Path) -> None:
+            from .heal import heal
+
+            teacher = self.dense()[0] if self.c.heal == "distill" else None
+            out = tmp / "model"
+            heal(str(pruned), data, self.c.heal, out=out, teacher=teacher, checkpoint_dir=tmp / "checkpoints",
+                 **self.c.heal_options)
+            for item in out.iterdir():
+                os.replace(item, tmp / item.name)
+            out.rmdir()
+            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+
+        return self.stages.run("healed", settings, work)
+
+    def _sampled_text(self, name: str, n: int, seed: int) -> Path:
+        settings = dict(model=self.c.model, n=n, seq_len=self.c.seq_len, seed=seed)
+
+        def work(tmp: Path) -> None:
+            from .data import calibration_ids
+
+            model, tokenizer = self.dense()  # same sampler as --calib self, another seed: unseen text
+            ids = calibration_ids("self", tokenizer, n_samples=n, seq_len=self.c.seq_len, seed=seed, model=model)
+            text = "\n\n".join(tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)
+            (tmp / "text.txt").write_text(text + "\n")
+
+        return self.stages.run(name, settings, work)
+
+    def evaluation(self, role: str, folder: Path | None, name: str) -> dict[str, Any]:
+        ppl = self._eval_ppl
+        if "heldout" in ppl:
+            held = self._sampled_text("heldout", n=self.c.heldout_samples, seed=self.c.seed + 1)
+            ppl = [str(held / "text.txt") if p == "heldout" else p for p in ppl]
+        settings = dict(model=self.c.model if folder is None else self.stages.token(folder.name), ppl=ppl,
+                        tasks=self._eval_tasks, data_dir=self.c.data_dir, limit=self.c.eval_limit,
+                        seq_len=self.c.eval_seq_len, batch_size=self.c.eval_batch_size)
+
+        def work(tmp: Path) -> None:
+            from .evaluation import evaluate
+
+            model, tokenizer = self.dense() if folder is None else self._load(folder)
+            result = evaluate(model, tokenizer, ppl=ppl, tasks=self._eval_tasks, data_dir=self.c.data_dir,
+                              limit=self.c.eval_limit, batch_size=self.c.eval_batch_size,
+                              seq_len=self.c.eval_seq_len, name=name)
+            write_json(tmp / "results.json", result)
+
+        done = self.stages.run(f"eval-{role}", settings, work)
+        return read_json(done / "results.json")
+
+    def benchmark(self, final: Path) -> dict[str, Any] | None:
+        if not self.c.bench_batch_sizes:
+            return None
+        settings = dict(model=self.c.model, final=self.stages.token(final.name),
+                        batch_sizes=list(self.c.bench_batch_sizes), output_lens=list(self.c.bench_output_lens),
+                        repeats=self.c.bench_repeats, load=self.c.load)
+
+        def work(tmp: Path) -> None:
+            from .bench import plot_bench, run_benchmark
+            from .loading import resolve_local_folder
+
+            source = resolve_local_folder(self.c.model, self.c.load.get("cache_dir"))
+            result = run_benchmark(str(final), str(source) if source else self.c.model, load_kwargs=self.c.load,
+                                   batch_sizes=list(self.c.bench_batch_sizes),
+                                   output_lens=list(self.c.bench_output_lens), repeats=self.c.bench_repeats)
+            result["models"]["baseline"]["model"] = self.c.model
+            write_json(tmp / "bench.json", result)
+            plot_bench(result, str(tmp / "bench.png"))
+
+        done = self.stages.run("bench", settings, work)
+        return read_json(done / "bench.json")
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def run(self) -> Path:
+        pruned = self.pruned()
+        healed = self.healed(pruned)
+        final = healed or pruned
+        evaluations = [("original", self.evaluation("dense", None, "original")),
+                       ("pruned, one-shot", self.evaluation("pruned", pruned, "pruned, one-shot"))]
+        if healed is not None:
+            name = f"pruned + {self.c.heal}"
+            evaluations.append((name, self.evaluation("healed", healed, name)))
+        bench = self.benchmark(final)
+        self.assemble(final, evaluations, bench)
+        return self.out
+
+    def assemble(self, final: Path, evaluations: list[tuple[str, dict[str, Any]]], bench: dict[str, Any] | None) -> None:
+        """Put the final model, plots, results and the model card at the top of OUT."""
+        from .card import model_card, source_license
+        from .loading import resolve_local_folder
+
+        for item in final.iterdir():
+            if item.is_file() and item.suffix in _MODEL_FILE_SUFFIXES and item.name != "stage.json":
+                _link_or_copy(item, self.out / item.name)
+        plots = []
+        for stage, name in (("scores", "scores.png"), ("bench", "bench.png"), (final.name, "loss.png")):
+            src = self.stages.folder(stage) / name
+            if src.is_file():
+                _link_or_copy(src, self.out / name)
+                plots.append(name)
+        results = self.out / "results"
+        results.mkdir(exist_ok=True)
+        for role, r in evaluations:
+            write_json(results / f"eval-{_slug(role)}.json", r)
+        if bench:
+            write_json(results / "bench.json", bench)
+        record = read_json(final / RECORD_FILE)
+        record["run"] = {"config": _jsonable(dataclasses.asdict(self.c)), "stages_run": self.stages.ran,
+                         "stages_skipped": self.stages.skipped}
+        write_json(self.out / RECORD_FILE, record)
+        local = resolve_local_folder(self.c.model, self.c.load.get("cache_dir"))
+        notes = [HELDOUT_NOTE] if "heldout" in self._eval_ppl else []
+        card = model_card(record, evaluations=evaluations, bench=bench, plots=plots,
+                          license=source_license(self.c.model, local), notes=notes)
+        (self.out / "README.md").write_text(card)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already linked (renaming a hard link onto itself would leave the temporary name behind)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) every stage of ``config`` and return the output folder."""
+    config.check()
+    _check_output(config)
+    return Pipeline(config, log).run()
+
+
+def _check_output(config: RunConfig) -> None:
+    from .loading import resolve_local_folder
+
+    out = Path(config.out).resolve()
+    try:
+        source = resolve_local_folder(config.model, config.load.get("cache_dir"))
+    except ShortenedError:
+        raise
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src or src in out.parents:
+            raise ShortenedError(f"the output {config.out} lies inside the source model folder {source}")
+    if out.exists() and not out.is_dir():
+        raise ShortenedError(f"output {config.out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (out / "stages").is_dir():
+        raise ShortenedError(f"output {config.out} exists and is not a 'shortened run' folder; choose another")
+    try:
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ShortenedError(f"cannot write to {config.out}: {exc.strerror or exc}") from None

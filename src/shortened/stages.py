@@ -1,0 +1,73 @@
+"""Resumable stages for ``shortened run``: each stage writes its own folder atomically with a
+``stage.json`` of the settings it ran with; a re-run with the same settings (and unchanged inputs)
+skips it, a changed setting re-runs it and every stage that depends on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_output_dir, now_iso, read_json, write_json
+
+STAGE_FILE = "stage.json"
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-serialisable settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StageRunner:
+    """Runs named stages under ``root``, skipping those already finished with the same settings."""
+
+    def __init__(self, root: Path, *, force: bool = False, log: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.force = force
+        self.log = log
+        self.skipped: list[str] = []
+        self.ran: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def done(self, name: str, settings: dict[str, Any]) -> bool:
+        marker = self.folder(name) / STAGE_FILE
+        if self.force or not marker.is_file():
+            return False
+        try:
+            return read_json(marker).get("fingerprint") == fingerprint(settings)
+        except Exception:  # an unreadable marker means the stage must run again
+            return False
+
+    def run(self, name: str, settings: dict[str, Any], work: Callable[[Path], None]) -> Path:
+        """Run ``work(tmp_folder)`` unless ``name`` finished earlier with ``settings``; return its folder.
+
+        Downstream stages should include ``self.token(name)`` in their settings, so that they re-run
+        whenever this one does.
+        """
+        folder = self.folder(name)
+        if self.done(name, settings):
+            self.log(f"[{name}] finished earlier with the same settings: skipped ({folder})")
+            self.skipped.append(name)
+            return folder
+        self.log(f"[{name}] running")
+        start = time.perf_counter()
+        with atomic_output_dir(folder, overwrite=True) as tmp:
+            work(tmp)
+            write_json(tmp / STAGE_FILE, {"stage": name, "settings": settings,
+                                          "fingerprint": fingerprint(settings), "finished": now_iso(),
+                                          "seconds": round(time.perf_counter() - start, 2)})
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        self.ran.append(name)
+        self.log(f"[{name}] done in {self.seconds[name]:.1f} s")
+        return folder
+
+    def token(self, name: str) -> str:
+        """Identifies one finished run of stage ``name`` (changes whenever it re-runs)."""
+        marker = read_json(self.folder(name) / STAGE_FILE)
+        return f"{marker['fingerprint']}@{marker['finished']}"

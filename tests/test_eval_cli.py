@@ -1,0 +1,145 @@
+"""``shortened eval``: results file, table, --compare, and one-line errors with nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from eval_data import tiny_llama_for_tokenizer, write_data_dir
+from shortened import cli
+from shortened.evaluation import evaluate, markdown_table
+from shortened.evaluation.perplexity import load_ppl_text, perplexity, tokenize_text
+from shortened.evaluation.tables import compare_files
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small models on a shared 2-core machine: thread hand-offs cost far more than they save.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def eval_registered(monkeypatch):
+    # Until the command is listed in cli.COMMANDS, register it for these tests.
+    if "eval" not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "eval"))
+    monkeypatch.delenv("SHORTENED_DATA", raising=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smollm2_folder):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama_for_tokenizer(seed=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(smollm2_folder)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data_dir(tmp_path_factory.mktemp("data"))
+
+
+def _eval(*argv: str) -> int:
+    return cli.main(["eval", *argv, "--no-progress"])
+
+
+def test_eval_writes_results_and_table(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert _eval(str(model_dir), "--data-dir", str(data_dir), "--tasks", "arc_easy,boolq", "--seq-len", "16",
+                 "--limit", "2", "--out", str(out), "--name", "tiny") == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["kind"] == "shortened-evaluation" and res["name"] == "tiny"
+    assert set(res["perplexity"]) == {"wikitext2", "ptb"} and set(res["zeroshot"]) == {"arc_easy", "boolq"}
+    assert res["zeroshot"]["arc_easy"]["n_items"] == 2 and res["perplexity"]["ptb"]["n_chunks"] <= 2
+    assert res["average"] == pytest.approx((res["zeroshot"]["arc_easy"]["value"] + res["zeroshot"]["boolq"]["value"]) / 2)
+    assert res["settings"]["limit"] == 2 and res["settings"]["seq_len"] == 16
+    assert {"torch", "transformers", "lm_eval"} <= set(res["versions"])
+    # the CLI's perplexity is the library's, on the same model and text
+    from shortened import load_model
+
+    model, tok = load_model(str(model_dir))
+    ids = tokenize_text(tok, load_ppl_text("wikitext2", data_dir))
+    assert res["perplexity"]["wikitext2"]["value"] == pytest.approx(
+        perplexity(model, ids, seq_len=16, limit=2, progress=False), rel=1e-6)
+    assert printed == markdown_table([res], ["tiny"])
+    assert "| tiny |" in printed and "WikiText-2 PPL" in printed and "ARC-e (acc)" in printed
+
+
+def test_refuses_to_overwrite_and_writes_nothing_on_error(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("keep me")
+    assert _eval(str(model_dir), "--data-dir", str(data_dir), "--out", str(out)) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "keep me"
+    # a missing task file: one line naming it, and no results file
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    fresh = tmp_path / "fresh.json"
+    assert _eval(str(model_dir), "--data-dir", str(empty), "--ppl", "none", "--tasks", "piqa",
+                 "--out", str(fresh)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "piqa/valid.jsonl" in err
+    assert not fresh.exists() and list(tmp_path.glob(".fresh.json*")) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ppl", "none", "--tasks", "none"], "nothing to evaluate"),
+    (["--tasks", "mmlu", "--ppl", "none"], "unknown task"),
+    (["--ppl", "nosuchset"], "unknown perplexity set"),
+    (["--limit", "0"], "--limit"),
+    (["--data-dir", "/nonexistent/data"], "data folder not found"),
+])
+def test_bad_options_are_one_line_errors(model_dir, data_dir, capsys, argv, message):
+    if "--data-dir" not in argv:
+        argv = [*argv, "--data-dir", str(data_dir)]
+    assert _eval(str(model_dir), *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("shortened eval: error:")
+
+
+def test_compare_side_by_side(model_dir, data_dir, tmp_path, capsys):
+    from shortened import load_model, remove_blocks
+
+    model, tok = load_model(str(model_dir))
+    a = evaluate(model, tok, ppl=["wikitext2"], tasks=["piqa"], data_dir=data_dir, seq_len=16, limit=2,
+                 name="dense", progress=False)
+    remove_blocks(model, [3, 4, 5])  # a different model for the second row
+    b = evaluate(model, tok, ppl=["wikitext2"], tasks=["piqa"], data_dir=data_dir, seq_len=16, limit=2,
+                 name="pruned", progress=False)
+    from shortened.io import write_json
+
+    write_json(tmp_path / "a.json", a)
+    write_json(tmp_path / "b.json", b)
+    table_file = tmp_path / "t.md"
+    assert cli.main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                     "--table", str(table_file)]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| dense | ") and lines[2].startswith("| pruned | ")
+    assert f"{a['perplexity']['wikitext2']['value']:.2f}" in lines[1]
+    assert f"{b['perplexity']['wikitext2']['value']:.2f}" in lines[2]
+    assert a["perplexity"]["wikitext2"]["value"] != b["perplexity"]["wikitext2"]["value"]
+    assert table_file.read_text() == printed == compare_files([tmp_path / "a.json", tmp_path / "b.json"])
+    assert "Partial evaluation: --limit 2" in printed
+
+
+def test_compare_rejects_other_files(tmp_path, capsys):
+    other = tmp_path / "x.json"
+    other.write_text(json.dumps({"hello": 1}))
+    assert cli.main(["eval", "--compare", str(other)]) == 2
+    assert "not a results file" in capsys.readouterr().err
+    assert cli.main(["eval", "--compare", str(tmp_path / "missing.json")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "--help"])
+    assert exc.value.code == 0
+    assert "shortened eval --compare" in capsys.readouterr().out

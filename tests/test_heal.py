@@ -1,0 +1,425 @@
+"""Healing: data (Alpaca template, prompt masking, packing, bad files), the shared loop (token-mean
+gradients, resume), LoRA/full/distill on tiny models, merged output, the CLI, and SmolLM2 end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shortened.errors import ShortenedError
+from shortened.heal import HealingData, HealSettings, heal
+from shortened.heal.data import (
+    IGNORE_INDEX, alpaca_prompt, collate, load_healing_data, pack_tokens, read_alpaca_file, split_examples,
+    strip_gutenberg, tokenize_alpaca,
+)
+from shortened.heal.distill import DistillObjective, check_same_vocab, kl_sum
+from shortened.heal.loop import LMObjective
+from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
+
+FAST = dict(progress=False, warmup_steps=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models are dominated by thread start-up; on a shared 2-core machine two threads are 10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (no download) whose vocabulary fits the tiny models."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " \n#:.,?!'-"
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def pattern_data(seq_len: int = 16) -> HealingData:
+    """Learnable token sequences (a deterministic successor for every token, random starts), split
+    at random into train and validation."""
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for _ in range(40):
+        t, doc = int(torch.randint(3, 43, (1,), generator=g)), []
+        for _ in range(32):
+            doc.append(t)
+            t = (t * 7 + 3) % 40 + 3
+        docs.append(doc)
+    train, val = split_examples(pack_tokens(docs, seq_len), 0.1, seed=0)
+    return HealingData(train, val)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_alpaca_template_is_alpaca_lora():
+    # Written out independently from tloen/alpaca-lora templates/alpaca.json.
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\n\n### Instruction:\nSum."
+                  "\n\n### Input:\n2 3\n\n### Response:\n")
+    without = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+               "the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
+    assert alpaca_prompt("Sum.", "2 3") == with_input
+    assert alpaca_prompt("Say hi.") == without
+
+
+def test_prompt_masking_handmade_example():
+    tok = char_tokenizer()
+    record = {"instruction": "Add 2 and 3.", "input": "", "output": "It is 5."}
+    ex = tokenize_alpaca(record, tok, cutoff=256)
+    prompt = alpaca_prompt("Add 2 and 3.")
+    # One token per character, then EOS; only the response and EOS are targets.
+    assert len(ex["input_ids"]) == len(prompt) + len("It is 5.") + 1
+    assert ex["input_ids"][-1] == tok.eos_token_id
+    assert ex["labels"][:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert ex["labels"][len(prompt):] == ex["input_ids"][len(prompt):]
+    assert tok.decode(ex["labels"][len(prompt):-1]) .replace(" ", "") == "Itis5."
+    # train_on_inputs keeps every token; a cut-off truncates without EOS.
+    assert tokenize_alpaca(record, tok, cutoff=256, train_on_inputs=True)["labels"] == ex["input_ids"]
+    cut = tokenize_alpaca(record, tok, cutoff=len(prompt) + 3)
+    assert len(cut["input_ids"]) == len(prompt) + 3 and cut["input_ids"][-1] != tok.eos_token_id
+
+
+def test_loss_counts_response_tokens_only():
+    tok = char_tokenizer()
+    ex = tokenize_alpaca({"instruction": "Name a colour.", "input": "", "output": "Red."}, tok)
+    n_prompt = sum(t == IGNORE_INDEX for t in ex["labels"])
+    batch = collate([ex])
+    model = tiny_model("llama")
+    logits = model(input_ids=batch["input_ids"]).logits.detach().requires_grad_(True)
+    # Reference: cross-entropy at the positions predicting each response token, written out.
+    ids = ex["input_ids"]
+    ref = sum(-F.log_softmax(logits[0, p - 1], -1)[ids[p]] for p in range(n_prompt, len(ids))) / (len(ids) - n_prompt)
+    objective = LMObjective()
+    got = objective.sums(lambda **kw: type("O", (), {"logits": logits})(), batch) / objective.counts(batch)
+    torch.testing.assert_close(got, ref.reshape(1), rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    # No gradient reaches the logits of positions that predict prompt tokens.
+    assert logits.grad[0, : n_prompt - 1].abs().max() == 0
+    assert logits.grad[0, n_prompt - 1:-1].abs().min() > 0
+
+
+def test_read_alpaca_json_and_jsonl(tmp_path):
+    rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_alpaca_file(tmp_path / "a.json") == rows
+    assert read_alpaca_file(tmp_path / "a.jsonl") == rows
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.json", "", "empty.json is empty"),
+    ("blank.jsonl", "\n  \n", "blank.jsonl is empty"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "out\n', "bad.jsonl:2: not valid JSON"),
+    ("noout.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n', "noout.jsonl:3: record has no string 'output'"),
+    ("arr.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": 5, "output": "b"}\n]', "arr.json:3: record has no string 'instruction'"),
+    ("broken.json", '[\n {"instruction": "a",\n  "output": }\n]', "broken.json:3: not valid JSON"),
+    ("list.jsonl", '["a", "b"]\n', "list.jsonl:1: expected an object"),
+])
+def test_malformed_data_names_file_and_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ShortenedError, match=message.replace("(", r"\(")):
+        load_healing_data(tmp_path / name, char_tokenizer())
+
+
+def test_text_files_are_packed(tmp_path):
+    tok = char_tokenizer()
+    body = "It is a truth universally acknowledged.\n\nA second paragraph.\n"
+    book = ("Title: x\r\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\n" + body.replace("\n", "\r\n")
+            + "*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\nLicence text\r\n")
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "b.txt").write_bytes(book.encode("cp1252"))
+    assert strip_gutenberg(book.replace("\r\n", "\n")).strip() == body.strip()
+    data = load_healing_data(tmp_path / "books", tok, seq_len=8, val_fraction=0.25, seed=3)
+    stream = tok(body.strip("\n"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    chunks = [stream[i:i + 8] for i in range(0, len(stream) - 7, 8)]
+    got = sorted(data.train + data.val, key=lambda e: chunks.index(e["input_ids"]))
+    assert [e["input_ids"] for e in got] == chunks and all(e["labels"] == e["input_ids"] for e in got)
+    assert len(data.val) == round(len(chunks) * 0.25) and data.kind == "text"
+    # The split is a function of the seed.
+    again = load_healing_data(tmp_path / "books", tok, seq_len=8, val_fraction=0.25, seed=3)
+    assert again.val == data.val
+    with pytest.raises(ShortenedError, match="yields no training examples"):
+        load_healing_data(tmp_path / "books", tok, seq_len=10_000)
+
+
+def test_split_and_missing_paths(tmp_path):
+    examples = [{"input_ids": [i], "labels": [i]} for i in range(10)]
+    train, val = split_examples(examples, 0.2, seed=1)
+    assert len(val) == 2 and sorted(e["input_ids"][0] for e in train + val) == list(range(10))
+    with pytest.raises(ShortenedError, match="val-fraction"):
+        split_examples(examples, 1.0, seed=1)
+    with pytest.raises(ShortenedError, match="data path not found"):
+        load_healing_data(tmp_path / "nope.json", char_tokenizer())
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+
+def test_accumulation_equals_one_big_batch():
+    """Token-mean over the global batch: micro-batches x accumulation give the same training."""
+    data = pattern_data()
+    # Unequal numbers of targets per example, so that averaging micro-batch means would differ.
+    for i, e in enumerate(data.train):
+        e["labels"] = [IGNORE_INDEX] * (i % 7) + e["labels"][i % 7:]
+    runs = []
+    for bs, acc in ((8, 1), (2, 4)):
+        r = heal(tiny_model("llama"), data, "full", steps=4, batch_size=bs, grad_accum=acc, lr=1e-3, **FAST)
+        runs.append(r)
+    torch.testing.assert_close([e["loss"] for e in runs[0].run.train_log], [e["loss"] for e in runs[1].run.train_log])
+    for (n, a), (_, b) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny():
+    """A tiny model that knows the pattern data (full training), to prune and heal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    r = heal(tiny_model("llama"), pattern_data(), "full", steps=40, batch_size=8, grad_accum=1, lr=1e-2, **FAST)
+    torch.set_num_threads(threads)
+    return r.model
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "distill"])
+def test_each_method_reduces_validation_loss(method, trained_tiny):
+    from shortened.surgery import remove_blocks
+
+    data = pattern_data()
+    student = tiny_model("llama")
+    student.load_state_dict(trained_tiny.state_dict())
+    remove_blocks(student, [1, 2, 3, 4])
+    kwargs = dict(teacher=trained_tiny) if method == "distill" else {}  # student: LoRA (the default)
+    r = heal(student, data, method, steps=12, batch_size=8, grad_accum=1, lr=1e-2, eval_every=4, **kwargs, **FAST)
+    before, best = r.run.val_log[0]["val_loss"], r.run.best_val_loss
+    assert best < 0.85 * before, (method, r.run.val_log)
+    # The returned (best) model reproduces the best validation loss.
+    objective = LMObjective() if method != "distill" else DistillObjective(trained_tiny)
+    batch = collate(data.val)
+    with torch.no_grad():
+        sums, counts = objective.sums(r.model, batch), objective.counts(batch)
+    torch.testing.assert_close(float((torch.tensor(objective.weights) * sums / counts).sum()), best, rtol=1e-4, atol=1e-5)
+
+
+def test_kl_sum_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    T = 2.0
+    ref = 0.0
+    for b in range(2):
+        for p in range(3):
+            if mask[b, p]:
+                pt, ps = torch.softmax(t[b, p] / T, -1), torch.softmax(s[b, p] / T, -1)
+                ref += float((pt * (pt.log() - ps.log())).sum()) * T * T
+    assert abs(float(kl_sum(s, t, mask, T)) - ref) < 1e-5
+
+
+def test_lora_output_is_merged_and_reloads(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "in"
+    base = tiny_model("llama")
+    base.save_pretrained(base_dir)
+    out = tmp_path / "out"
+    r = heal(str(base_dir), pattern_data(), "lora", out=out, steps=6, batch_size=8, grad_accum=1, lr=2e-2,
+             eval_every=2, **FAST)
+    merged = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager"),
+                                         out / "adapter").eval()
+    x = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b, c = merged(x).logits, unmerged(x).logits, base.eval()(x).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (a - c).abs().max() > 1e-3  # training changed the function
+    record = json.loads((out / "pruning.json").read_text())
+    h = record["healing"]
+    assert h["method"] == "lora" and h["settings"]["lora_r"] == 8 and h["settings"]["lr"] == 2e-2
+    assert h["steps_done"] == 6 and len(h["train_log"]) == 6 and h["val_log"][0]["step"] == 0
+    assert h["best_val_loss"] == min(e["val_loss"] for e in h["val_log"] if e["step"] > 0)
+    assert "torch" in h["versions"] and (out / "loss.png").stat().st_size > 1000
+    assert (out / "healing_log.csv").read_text().splitlines()[0] == "step,split,loss,lr"
+    assert not (tmp_path / "out.checkpoints").exists()
+    with pytest.raises(ShortenedError, match="already exists"):
+        heal(str(base_dir), pattern_data(), "lora", out=out, steps=1, **FAST)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_lora_targets_every_architecture(model_type):
+    from shortened.heal.lora import add_lora, merge_lora
+
+    model = tiny_model(model_type)
+    peft_model = add_lora(model, r=4, dropout=0.0)
+    with torch.no_grad():  # make the adapters non-zero so merging is tested
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > 0
+    x = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = peft_model.eval()(x).logits
+        merged = merge_lora(peft_model)
+        torch.testing.assert_close(merged(x).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_gives_the_same_weights(tmp_path, method):
+    data = pattern_data()
+    # LoRA dropout > 0 checks that RNG states are restored too; 3 epochs check the data position.
+    cfg = dict(steps=9, batch_size=4, grad_accum=2, lr=1e-2, eval_every=3, lora_dropout=0.1, **FAST)
+    full = heal(tiny_model("llama"), data, method, checkpoint_dir=tmp_path / "a", **cfg)
+
+    def stop(step, entry):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        heal(tiny_model("llama"), data, method, checkpoint_dir=tmp_path / "b", save_every=1, on_step=stop, **cfg)
+    # A fresh process would reload the input model; resume must restore everything else.
+    resumed = heal(tiny_model("llama"), data, method, checkpoint_dir=tmp_path / "b", resume=True, **cfg)
+    assert resumed.run.step == 9 and [e["loss"] for e in resumed.run.train_log] == [e["loss"] for e in full.run.train_log]
+    a, b = _weights(full.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed.run.best_step == full.run.best_step
+    # Different settings refuse to resume.
+    with pytest.raises(ShortenedError, match="different settings"):
+        heal(tiny_model("llama"), data, method, checkpoint_dir=tmp_path / "b", resume=True, **{**cfg, "lr": 5e-3})
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-4, float("nan")])
+def test_bad_learning_rate(lr):
+    with pytest.raises(ShortenedError, match="--lr must be a positive number"):
+        heal(tiny_model("llama"), pattern_data(), "lora", lr=lr, steps=1, **FAST)
+
+
+def test_bad_settings():
+    data = pattern_data()
+    with pytest.raises(ShortenedError, match="unknown healing method"):
+        heal(tiny_model("llama"), data, "prune", steps=1, **FAST)
+    with pytest.raises(ShortenedError, match="--steps"):
+        heal(tiny_model("llama"), data, "full", steps=0, **FAST)
+    with pytest.raises(ShortenedError, match="--resume: no checkpoint"):
+        heal(tiny_model("llama"), data, "full", steps=1, checkpoint_dir="/nonexistent/ckpt", resume=True, **FAST)
+    with pytest.raises(ShortenedError, match="temperature"):
+        heal(tiny_model("llama"), data, "distill", teacher=tiny_model("llama"), temperature=0, steps=1, **FAST)
+
+
+def test_teacher_with_other_vocabulary_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "vocab_size": VOCAB + 3})
+    other = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ShortenedError, match=f"teacher's vocabulary has {VOCAB + 3} tokens but the student's {VOCAB}"):
+        heal(tiny_model("llama"), pattern_data(), "distill", teacher=other, steps=1, **FAST)
+    # Same size, different tokens.
+    tok = char_tokenizer()
+    other_tok = char_tokenizer()
+    other_tok.add_tokens(["zz"])
+    with pytest.raises(ShortenedError, match="tokenizer differs"):
+        check_same_vocab(tiny_model("llama"), tiny_model("llama", seed=1), tok, other_tok)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _cli(argv):
+    from shortened.commands import heal as heal_cmd
+
+    parser = argparse.ArgumentParser(prog="shortened")
+    heal_cmd.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ShortenedError as exc:  # what cli.main does
+        return 2, str(exc)
+
+
+def test_cli_distill_from_pruned_folder(tmp_path, capsys):
+    """A pruned folder written like `shortened prune` does: the teacher comes from pruning.json."""
+    from shortened.io import pruning_record, save_model
+    from shortened.surgery import remove_blocks
+
+    tok = char_tokenizer()
+    src = tmp_path / "dense"
+    save_model(tiny_model("llama"), tok, src)
+    model = tiny_model("llama")
+    kept = remove_blocks(model, [2, 3])
+    save_model(model, tok, tmp_path / "pruned", pruning_record(str(src), 6, kept, model_type="llama"))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    def argv(data=text, out=tmp_path / "healed", *more):
+        return ["heal", str(tmp_path / "pruned"), "--method", "distill", "--data", str(data), "--seq-len", "32",
+                "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--warmup-steps", "1", "--out", str(out),
+                "--temperature", "2", "--lm-weight", "0.5", *more]
+
+    assert _cli(argv()) == 0
+    assert "validation loss" in capsys.readouterr().out
+    record = json.loads((tmp_path / "healed" / "pruning.json").read_text())
+    assert record["removed_blocks"] == [2, 3] and record["healing"]["teacher"] == str(src)
+    assert record["healing"]["settings"]["temperature"] == 2 and record["healing"]["trainable"] == "lora"
+    assert record["healing"]["data"]["kind"] == "text"
+    # Refusals: existing output, bad lr, empty data file; nothing is written.
+    code, message = _cli(argv())
+    assert code == 2 and "already exists" in message
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, message = _cli(argv(text, tmp_path / "x", "--lr", "0"))
+    assert code == 2 and "--lr" in message
+    code, message = _cli(argv(empty, tmp_path / "x"))
+    assert code == 2 and "empty.jsonl is empty" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "empty.jsonl", "healed", "pruned", "text.txt"]
+
+
+# ------------------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_smollm2_lora_on_alpaca(smollm2_folder, shared_data, tmp_path):
+    """The paper's recipe end to end on the real model (a handful of short sequences)."""
+    from shortened.loading import load_model
+
+    model, tok = load_model(str(smollm2_folder))
+    data = load_healing_data(shared_data / "alpaca" / "alpaca_data_2k_subset.json", tok, seq_len=64,
+                             max_examples=24, val_fraction=0.25, seed=0)
+    assert data.kind == "alpaca" and len(data.val) == 6
+    first = data.train[0]
+    n_masked = first["labels"].index(next(t for t in first["labels"] if t != IGNORE_INDEX))
+    assert tok.decode(first["input_ids"][:n_masked]).endswith("### Response:\n")
+    from shortened.surgery import remove_blocks
+
+    remove_blocks(model, [13, 14, 17])
+    r = heal(model, data, "lora", tokenizer=tok, out=tmp_path / "out", steps=4, batch_size=6, grad_accum=1,
+             lr=1e-3, eval_every=4, **FAST)
+    assert r.run.best_val_loss < r.run.val_log[0]["val_loss"]
+    reloaded, _ = load_model(str(tmp_path / "out"))
+    x = torch.tensor([data.val[0]["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, r.model(x).logits, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,99 @@
+"""`shortened run` end to end on a tiny model: every stage, the model card, resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shortened.cli import main
+from shortened.io import save_model
+from eval_data import tiny_llama_for_tokenizer, write_data_dir
+from tiny_models import N_LAYERS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(smollm2_folder, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("run") / "tiny"
+    save_model(tiny_llama_for_tokenizer(), AutoTokenizer.from_pretrained(smollm2_folder), folder)
+    return folder
+
+
+def _args(model: Path, out: Path, data: Path) -> list[str]:
+    return ["run", str(model), "--ratio", "0.34", "--n-samples", "2", "--seq-len", "16",
+            "--heal", "distill", "--heal-steps", "2", "--heal-batch-size", "2", "--heal-grad-accum", "1",
+            "--heal-seq-len", "32", "--data-dir", str(data), "--eval", "wikitext2,ptb,piqa,arc_easy",
+            "--eval-limit", "3", "--eval-seq-len", "16", "--bench", "1", "--bench-output-lens", "4", "--bench-repeats", "1",
+            "--out", str(out)]
+
+
+def test_run_end_to_end_then_resume(tiny_with_tokenizer, tmp_path, capsys):
+    data = write_data_dir(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(_args(tiny_with_tokenizer, out, data)) == 0
+    first = capsys.readouterr().out
+
+    stages = out / "stages"
+    for stage in ("calibration", "scores", "pruned", "healed", "heal-data", "eval-dense", "eval-pruned",
+                  "eval-healed", "bench"):
+        assert (stages / stage / "stage.json").is_file(), stage
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    for name in ("README.md", "pruning.json", "config.json", "model.safetensors", "scores.png", "bench.png",
+                 "loss.png", "results/bench.json"):
+        assert (out / name).is_file(), name
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == N_LAYERS - 2  # round(0.34 * 6) = 2
+    record = json.loads((out / "pruning.json").read_text())
+    assert len(record["removed_blocks"]) == 2 and record["healing"]["method"] == "distill"
+    assert record["selection"]["criterion"] == "ppl"
+
+    card = (out / "README.md").read_text()
+    for role in ("dense", "pruned", "healed"):
+        r = json.loads((stages / f"eval-{role}" / "results.json").read_text())
+        row = next(line for line in card.splitlines() if line.startswith("| ") and
+                   f"{r['perplexity']['wikitext2']['value']:.2f}" in line)
+        assert f"{r['perplexity']['ptb']['value']:.2f}" in row
+        assert f"{100 * r['zeroshot']['piqa']['value']:.2f}" in row
+        assert f"{100 * r['average']:.2f}" in row
+    bench = json.loads((out / "results" / "bench.json").read_text())
+    point = bench["models"]["model"]["points"][0]
+    assert f"{point['throughput_tok_s']:.1f}" in card
+    assert f"{bench['flop_speedup_bound']:.3f}x" in card
+    assert "Shortened LLaMA" in card and "```bibtex" in card
+    assert re.search(r"Removed blocks \(original indices\):\*\* " + ", ".join(map(str, record["removed_blocks"])), card)
+
+    assert main(_args(tiny_with_tokenizer, out, data)) == 0
+    second = capsys.readouterr().out
+    assert "skipped" in second and "running" not in second
+    assert second.count("skipped") >= 9
+    assert "skipped" not in first
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("ratio0", "ratio must be strictly between 0 and 1"),
+    ("ratio1", "ratio must be strictly between 0 and 1"),
+    ("inside", "inside the source model folder"),
+    ("unwritable", "cannot write"),
+])
+def test_run_bad_input(case, message, tiny_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "out"
+    ratio = {"ratio0": "0", "ratio1": "1"}.get(case, "0.3")
+    if case == "inside":
+        out = tiny_with_tokenizer / "pruned"
+    if case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"  # a folder below a file cannot be made, even by root
+    before = sorted(p.name for p in tiny_with_tokenizer.iterdir())
+    code = main(["run", str(tiny_with_tokenizer), "--ratio", ratio, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert sorted(p.name for p in tiny_with_tokenizer.iterdir()) == before
+    if case.startswith("ratio"):
+        assert not out.exists()
