@@ -52,4 +52,9 @@ def parse_int_list(text: str, what: str = "block indices") -> list[int]:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples in the epilog as written and shows defaults."""
+    """Keeps the examples in the epilog as written and shows defaults that say something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
