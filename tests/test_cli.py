@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from shortened.cli import main
 from shortened.io import save_model
-from tiny_models import N_LAYERS, tiny_inputs, tiny_model
+from tiny_models import N_LAYERS, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from shortened import load_model
 from shortened.criteria import score_blocks
-from shortened.engine import BlockScores, Engine
+from shortened.engine import BlockScores
 from shortened.errors import ShortenedError
 from shortened.surgery import remove_blocks
 from tiny_models import N_LAYERS, TINY_CONFIGS, tiny_inputs, tiny_model

@@ -5,23 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from eval_data import tiny_llama_for_tokenizer, write_data_dir
+from eval_data import tiny_llama_for_tokenizer
 from shortened import cli
 from shortened.evaluation import evaluate, markdown_table
 from shortened.evaluation.perplexity import load_ppl_text, perplexity, tokenize_text
 from shortened.evaluation.tables import compare_files
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: thread hand-offs cost far more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +36,8 @@ def model_dir(tmp_path_factory, smollm2_folder):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(tmp_path_factory.mktemp("data"))
+def data_dir(eval_data_dir):
+    return eval_data_dir
 
 
 def _eval(*argv: str) -> int:

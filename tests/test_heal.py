@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shortened.errors import ShortenedError
-from shortened.heal import HealingData, HealSettings, heal
+from shortened.heal import HealingData, heal
 from shortened.heal.data import (
     IGNORE_INDEX, alpaca_prompt, collate, load_healing_data, pack_tokens, read_alpaca_file, split_examples,
     strip_gutenberg, tokenize_alpaca,
@@ -21,16 +21,12 @@ from shortened.heal.distill import DistillObjective, check_same_vocab, kl_sum
 from shortened.heal.loop import LMObjective
 from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 FAST = dict(progress=False, warmup_steps=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are dominated by thread start-up; on a shared 2-core machine two threads are 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def char_tokenizer():
@@ -236,7 +232,7 @@ def test_lora_output_is_merged_and_reloads(tmp_path):
     base = tiny_model("llama")
     base.save_pretrained(base_dir)
     out = tmp_path / "out"
-    r = heal(str(base_dir), pattern_data(), "lora", out=out, steps=6, batch_size=8, grad_accum=1, lr=2e-2,
+    heal(str(base_dir), pattern_data(), "lora", out=out, steps=6, batch_size=8, grad_accum=1, lr=2e-2,
              eval_every=2, **FAST)
     merged = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 WORKER = textwrap.dedent('''

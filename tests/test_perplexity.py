@@ -6,14 +6,16 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from eval_data import PTB_LINES, WIKI_LINES, reference_perplexity, tiny_llama_for_tokenizer, write_data_dir
+from eval_data import PTB_LINES, WIKI_LINES, reference_perplexity, tiny_llama_for_tokenizer
 from shortened.errors import ShortenedError
 import shortened.evaluation.perplexity as ppl_mod
 from shortened.evaluation.perplexity import load_ppl_text, perplexity, perplexity_on, tokenize_text
 from shortened.evaluation.sources import ptb_rows, wikitext_rows
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 TEXT = (
     "The river rose slowly through the night, and by morning the lower fields were under water. "
@@ -22,18 +24,11 @@ TEXT = (
 ) * 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: thread hand-offs cost far more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_folder):
-    return AutoTokenizer.from_pretrained(str(smollm2_folder))
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +37,8 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(tmp_path_factory.mktemp("data"))
+def data_dir(eval_data_dir):
+    return eval_data_dir
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])

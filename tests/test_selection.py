@@ -6,7 +6,6 @@ import copy
 import math
 
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from shortened.criteria import score_blocks

@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoTokenizer
 
-from eval_data import hand_items, score_by_hand, tiny_llama_for_tokenizer, write_data_dir
+from eval_data import hand_items, score_by_hand, tiny_llama_for_tokenizer
 from shortened.errors import ShortenedError
 from shortened.evaluation import zeroshot
 from shortened.evaluation.sources import TASKS, task_records
 from shortened.evaluation.zeroshot import PAPER_METRICS, build_task, make_lm, run_task, run_tasks
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 EXPECTED_COUNTS = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
                    "arc_challenge": 1172, "openbookqa": 500}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: thread hand-offs cost far more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_folder):
-    return AutoTokenizer.from_pretrained(str(smollm2_folder))
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +30,8 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data_dir(tmp_path_factory.mktemp("data"))
+def data_dir(eval_data_dir):
+    return eval_data_dir
 
 
 @pytest.fixture(scope="module")

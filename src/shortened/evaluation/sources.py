@@ -118,7 +118,7 @@ def _check_same_length(records: list, labels: list, files: tuple[Path, Path]) ->
 
 def read_boolq(path: Path) -> list[dict[str, Any]]:
     """SuperGLUE BoolQ ``val.jsonl`` -> ``aps/super_glue`` boolq rows (label 1 = true)."""
-    to_int = {"true": 1, "false": 0, True: 1, False: 0, 1: 1, 0: 0}
+    to_int = {"true": 1, "false": 0, True: 1, False: 0}  # bools also match the ints 1 and 0
     out = []
     for r in _jsonl(path):
         try:
