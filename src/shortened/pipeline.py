@@ -73,11 +73,16 @@ class RunConfig:
     push_to_hub: str | None = None
 
     def check(self) -> None:
-        from .selection import blocks_to_remove
+        """Refuse bad settings before any (slow) work; the block count is checked against the model later."""
+        from .criteria import get_criterion
 
         if (self.ratio is None) == (self.num_blocks is None):
             raise ShortenedError("give exactly one of --ratio and --num-blocks")
-        blocks_to_remove(1000, num_blocks=None if self.ratio is not None else 1, ratio=self.ratio)
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise ShortenedError(f"ratio must be strictly between 0 and 1, got {self.ratio}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ShortenedError(f"number of blocks to remove must be positive, got {self.num_blocks}")
+        get_criterion(self.criterion)
         if self.heal not in (None, "lora", "full", "distill"):
             raise ShortenedError(f"unknown healing method '{self.heal}': choose lora, full or distill")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -372,10 +377,7 @@ def _check_output(config: RunConfig) -> None:
     from .loading import resolve_local_folder
 
     out = Path(config.out).resolve()
-    try:
-        source = resolve_local_folder(config.model, config.load.get("cache_dir"))
-    except ShortenedError:
-        raise
+    source = resolve_local_folder(config.model, config.load.get("cache_dir"))
     if source is not None:
         src = Path(source).resolve()
         if out == src or src in out.parents:
