@@ -30,7 +30,7 @@ test: setup
 # held-out evaluation text are sampled from the model itself; healing distils from the original model.
 demo: setup
 	$(BIN)/shortened run smollm2-135m --criterion ppl --ratio 0.2 --calib self \
-		--heal distill --heal-steps 20 --heal-batch-size 4 --heal-grad-accum 2 --heal-seq-len 128 \
+		--heal distill --heal-steps 8 --heal-batch-size 4 --heal-grad-accum 2 --heal-seq-len 128 \
 		--bench 1 --bench-output-lens 64 --out runs/demo
 
 clean:

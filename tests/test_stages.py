@@ -45,3 +45,12 @@ def test_failed_stage_leaves_nothing_and_keeps_the_previous_output(tmp_path):
         StageRunner(tmp_path, log=lambda _: None).run("a", {"x": 2}, broken)
     assert (tmp_path / "a" / "out.txt").read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_a_stage_used_twice_in_one_run_runs_once_even_when_forced(tmp_path):
+    calls, logs = [], []
+    runner = StageRunner(tmp_path, force=True, log=logs.append)
+    for _ in range(2):
+        runner.run("a", {"x": 1}, lambda f: calls.append(f))
+    assert len(calls) == 1 and runner.ran == ["a"]
+    assert not any("skipped" in line for line in logs)

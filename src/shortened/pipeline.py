@@ -214,8 +214,8 @@ class Pipeline:
             alpaca = Path(self.c.data_dir) / "alpaca" / "alpaca_data_2k_subset.json"
             if alpaca.is_file():
                 return str(alpaca)
-        folder = self._sampled_text("heal-data", n=64, seed=self.c.seed + 2)
-        return str(folder / "text.txt")
+        folder = self._sampled_text("heal-data", n=32, seed=self.c.seed + 2)
+        return str(folder / "heal-data.txt")
 
     def healed(self, pruned: Path) -> Path | None:
         if self.c.heal is None:
@@ -247,7 +247,7 @@ class Pipeline:
             model, tokenizer = self.dense()  # same sampler as --calib self, another seed: unseen text
             ids = calibration_ids("self", tokenizer, n_samples=n, seq_len=self.c.seq_len, seed=seed, model=model)
             text = "\n\n".join(tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)
-            (tmp / "text.txt").write_text(text + "\n")
+            (tmp / f"{name}.txt").write_text(text + "\n")
 
         return self.stages.run(name, settings, work)
 
@@ -255,7 +255,7 @@ class Pipeline:
         ppl = self._eval_ppl
         if "heldout" in ppl:
             held = self._sampled_text("heldout", n=self.c.heldout_samples, seed=self.c.seed + 1)
-            ppl = [str(held / "text.txt") if p == "heldout" else p for p in ppl]
+            ppl = [str(held / "heldout.txt") if p == "heldout" else p for p in ppl]
         settings = dict(model=self.c.model if folder is None else self.stages.token(folder.name), ppl=ppl,
                         tasks=self._eval_tasks, data_dir=self.c.data_dir, limit=self.c.eval_limit,
                         seq_len=self.c.eval_seq_len, batch_size=self.c.eval_batch_size)

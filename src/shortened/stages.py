@@ -36,8 +36,12 @@ class StageRunner:
         return self.root / name
 
     def done(self, name: str, settings: dict[str, Any]) -> bool:
+        """Whether ``name`` finished earlier with ``settings`` (always False under ``force``)."""
+        return not self.force and self._matches(name, settings)
+
+    def _matches(self, name: str, settings: dict[str, Any]) -> bool:
         marker = self.folder(name) / STAGE_FILE
-        if self.force or not marker.is_file():
+        if not marker.is_file():
             return False
         try:
             return read_json(marker).get("fingerprint") == fingerprint(settings)
@@ -51,6 +55,8 @@ class StageRunner:
         whenever this one does.
         """
         folder = self.folder(name)
+        if (name in self.ran or name in self.skipped) and self._matches(name, settings):
+            return folder  # already run, or reported as skipped, earlier in this same run
         if self.done(name, settings):
             self.log(f"[{name}] finished earlier with the same settings: skipped ({folder})")
             self.skipped.append(name)
