@@ -141,12 +141,15 @@ def _from_pretrained(source: str, kwargs: dict[str, Any], spec: str, local: bool
         kwargs = dict(kwargs, use_safetensors=True)
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except ShortenedError:
-        raise
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "local folder" if local else "Hub id (offline, or no such model?)"
-        raise ShortenedError(f"cannot load model '{spec}' as a {where}: {first_line}") from exc
+        raise ShortenedError(f"cannot load model '{spec}' as a {where}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """A one-line description of ``exc`` for a user-facing error message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None) -> Any:
@@ -159,7 +162,7 @@ def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None) 
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("no tokenizer loaded from %s: %s", source, str(exc).strip().splitlines()[0])
+        log.warning("no tokenizer loaded from %s: %s", source, _first_line(exc))
         return None
 
 
@@ -207,7 +210,7 @@ def _gguf_to_folder(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ShortenedError(f"cannot read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        raise ShortenedError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from exc
     try:
         with atomic_output_dir(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp)
