@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--output-lens", default="128")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per measuring process")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "efficiency.md"))
     args = ap.parse_args()
 
@@ -39,6 +40,8 @@ def main() -> None:
         cmd = [exe, "bench", str(pruned), "--baseline", "smollm2-135m", "--batch-sizes", args.batch_sizes,
                "--output-lens", args.output_lens, "--prompt-len", str(args.prompt_len),
                "--repeats", str(args.repeats), "--out", str(bench_json)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         subprocess.run(cmd, check=True)
         result = json.loads(bench_json.read_text())
         from shortened.bench import format_bench
@@ -50,8 +53,8 @@ def main() -> None:
 
 Command: `{shlex.join([sys.executable.replace(str(ROOT) + '/', ''), 'benchmarks/bench_efficiency.py', *sys.argv[1:]])}`
 (prunes blocks {BLOCKS}, then `shortened bench PRUNED --baseline smollm2-135m --batch-sizes {args.batch_sizes}
---output-lens {args.output_lens} --prompt-len {args.prompt_len} --repeats {args.repeats}`).
-Device: {device} ({processor}, {result['models']['model']['dtype']}); each model measured in its own process; greedy
+--output-lens {args.output_lens} --prompt-len {args.prompt_len} --repeats {args.repeats}{' --threads ' + str(args.threads) if args.threads else ''}`).
+Device: {device} ({processor}, {result['models']['model']['dtype']}, {result['models']['model'].get('cpu_threads')} torch thread(s)); each model measured in its own process; greedy
 generation with forced output length; 1 warm-up; medians of {args.repeats} interleaved runs.
 
 {table}

@@ -37,6 +37,8 @@ RUNS: dict[str, tuple[str, str, dict]] = {
     "distill-lora": ("distill", "alpaca", dict(student="lora", lr=5e-4, batch_size=4, grad_accum=2, seq_len=256)),
     "distill-lora-books": ("distill", "books", dict(student="lora", lr=5e-4, batch_size=4, grad_accum=2, seq_len=128)),
     "distill-full-books": ("distill", "books", dict(student="full", lr=2e-5, batch_size=4, grad_accum=2, seq_len=128)),
+    "reconstruct-books": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128)),
+    "reconstruct-alpaca": ("reconstruct", "alpaca", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=256)),
 }
 
 
@@ -69,7 +71,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=600, help="training seconds per method")
     p.add_argument("--methods", default="lora-paper,full-lm,distill-lora,distill-full-books",
-                   help=f"comma-separated, from {', '.join(RUNS)}")
+                   help=f"comma-separated, from {', '.join(RUNS)}; a+b runs b on a's output, half the budget each")
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--ppl-limit", type=int, default=300, help="first N chunks of 128 tokens")
     p.add_argument("--zs-limit", type=int, default=0, help="items per zero-shot task (0: skip zero-shot)")
@@ -111,29 +113,38 @@ def main() -> int:
     del dense
 
     for name in [m for m in args.methods.split(",") if m]:
-        method, data, settings = runs[name]
-        common = dict(val_fraction=0.02, warmup_steps=args.warmup, progress=True, seed=0)
-        common.update(settings)
-        spec = data_path(data, args.data_dir, work)
-        dataset = load_healing_data(spec, tok, seq_len=common["seq_len"], val_fraction=common["val_fraction"],
-                                    seed=common["seed"])
-        dataset.val = dataset.val[:args.val_examples]
-        # Timing probe: a few steps of the same run (training loop only), not counted in the budget.
-        probe = heal(str(pruned_dir), HealingData(dataset.train, []), method, steps=args.probe_steps,
-                     **{**common, "progress": False})
-        per_step = probe.run.seconds / args.probe_steps
-        steps = max(1, int(args.budget / per_step * 0.9))  # 10% for validation
-        print(f"{name}: {per_step:.1f} s/step -> {steps} steps in {args.budget:.0f} s", flush=True)
-        t = time.perf_counter()
-        r = heal(str(pruned_dir), dataset, method, steps=steps, max_time=args.budget, eval_every=max(1, steps // args.evals),
-                 **common)
+        # "a+b": run a, then b on a's output, each with an equal share of the budget.
+        phases = name.split("+")
+        source, t, entries = pruned_dir, time.perf_counter(), []
+        for k, phase in enumerate(phases):
+            method, data, settings = runs[phase]
+            budget = args.budget / len(phases)
+            common = dict(val_fraction=0.02, warmup_steps=args.warmup, progress=True, seed=0)
+            common.update(settings)
+            spec = data_path(data, args.data_dir, work)
+            dataset = load_healing_data(spec, tok, seq_len=common["seq_len"], val_fraction=common["val_fraction"],
+                                        seed=common["seed"])
+            dataset.val = dataset.val[:args.val_examples]
+            # Timing probe: a few steps of the same run (training loop only), not counted in the budget.
+            probe = heal(str(source), HealingData(dataset.train, []), method, steps=args.probe_steps,
+                         **{**common, "progress": False})
+            per_step = probe.run.seconds / args.probe_steps
+            steps = max(1, int(budget / per_step * 0.9))  # 10% for validation
+            print(f"{name} [{phase}]: {per_step:.1f} s/step -> {steps} steps in {budget:.0f} s", flush=True)
+            out = work / f"{name}-{k}" if k + 1 < len(phases) else None
+            r = heal(str(source), dataset, method, steps=steps, max_time=budget, eval_every=max(1, steps // args.evals),
+                     out=out, **common)
+            h = r.record["healing"]
+            entries.append({"phase": phase, "method": method, "data": spec, "steps_planned": steps,
+                            "steps_done": h["steps_done"], "train_seconds": round(r.run.seconds, 1),
+                            "best_step": h["best_step"], "val_before": h["val_loss_before"],
+                            "val_best": h["best_val_loss"], "settings": {**common, "progress": None}})
+            source = out
         train_s = time.perf_counter() - t
         ev = evaluate(r.model, r.tokenizer, args.data_dir, args.ppl_limit, args.zs_limit)
-        h = r.record["healing"]
-        results["models"][name] = {**ev, "method": method, "data": spec, "steps_planned": steps,
-                                   "steps_done": h["steps_done"], "train_seconds": round(r.run.seconds, 1), "wall_seconds": round(train_s, 1),
-                                   "best_step": h["best_step"], "val_before": h["val_loss_before"],
-                                   "val_best": h["best_val_loss"], "settings": {**common, "progress": None}}
+        results["models"][name] = {**ev, **entries[-1], "steps_done": sum(e["steps_done"] for e in entries),
+                                   "train_seconds": round(sum(e["train_seconds"] for e in entries), 1),
+                                   "wall_seconds": round(train_s, 1), "phases": entries}
         print(name, results["models"][name], flush=True)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=2, default=str))

@@ -155,11 +155,11 @@ def floor_seconds(model, ids, reps: int = 3) -> tuple[float, dict]:
                                     "blocks_total_s": blocks, "heads_total_s": n * head_best}
 
 
-def engine_seconds(model, ids) -> tuple[list[float], float]:
+def engine_seconds(model, ids, workers: int | None = None) -> tuple[list[float], float]:
     from shortened.criteria import score_blocks
 
     t = time.perf_counter()
-    scores = score_blocks(model, ids, "ppl", progress=False).scores
+    scores = score_blocks(model, ids, "ppl", workers=workers, progress=False).scores
     return scores, time.perf_counter() - t
 
 
@@ -184,17 +184,24 @@ def main() -> None:
     ids = cal.ids
     with torch.no_grad():
         model(ids, use_cache=False)  # warm-up
-    n = len(model.model.layers) if hasattr(model, "model") else None
 
-    engine_runs, floor_runs = [], []
-    for r in range(args.repeats):  # interleaved, so load changes hit both alike
+    # Interleaved, so load changes hit all alike. "serial": one stream at a time, every matrix product
+    # on all threads (what the floor measures); default: independent streams on parallel workers.
+    engine_runs, serial_runs, floor_runs = [], [], []
+    for r in range(args.repeats):
         f, parts = floor_seconds(model, ids)
         floor_runs.append((f, parts))
+        _, e1 = engine_seconds(model, ids, workers=1)
+        serial_runs.append(e1)
         scores, e = engine_seconds(model, ids)
         engine_runs.append(e)
-        print(f"run {r}: engine {e:.1f} s, floor {f:.1f} s, ratio {e / f:.3f}", flush=True)
-    e_best = min(engine_runs)
+        print(f"run {r}: engine {e:.1f} s, engine one stream at a time {e1:.1f} s, floor {f:.1f} s, "
+              f"ratios {e / f:.3f} / {e1 / f:.3f}", flush=True)
+    e_best, e1_best = min(engine_runs), min(serial_runs)
     f_best, parts = min(floor_runs, key=lambda x: x[0])
+    from shortened.engine import default_workers
+
+    workers = default_workers(torch.device("cpu"))
 
     paper, t_paper = paper_ppl(model, ids)
     max_rel = max(abs(a - b) / b for a, b in zip(scores, paper))
@@ -226,7 +233,10 @@ def main() -> None:
         "",
         "| measure | value | target |",
         "|---|---|---|",
-        f"| `ppl` engine | {e_best:.1f} s (runs: {', '.join(f'{x:.1f}' for x in engine_runs)}) | |",
+        f"| `ppl` engine (default: {workers} streams at a time, {max(1, torch.get_num_threads() // workers)} "
+        f"thread(s) each) | {e_best:.1f} s (runs: {', '.join(f'{x:.1f}' for x in engine_runs)}) | |",
+        f"| `ppl` engine, one stream at a time on all threads (`workers=1`) | {e1_best:.1f} s "
+        f"(runs: {', '.join(f'{x:.1f}' for x in serial_runs)}) | |",
         f"| paper's algorithm (rebuild each (L-1)-block model, samples one by one) | {t_paper:.1f} s | |",
         f"| speed-up over the paper's algorithm | **{t_paper / e_best:.2f}x** | >= 3.5x |",
         f"| largest relative difference of the scores | {max_rel:.1e} | same scores |",
@@ -234,6 +244,8 @@ def main() -> None:
         f"(blocks {parts['blocks_total_s']:.1f} s, heads {parts['heads_total_s']:.1f} s) | |",
         f"| engine / floor | **{e_best / f_best:.3f}x** (per run: "
         f"{', '.join(f'{e / f[0]:.3f}' for e, f in zip(engine_runs, floor_runs))}) | <= 1.10x |",
+        f"| engine one stream at a time / floor (the engine's own overhead) | {e1_best / f_best:.3f}x (per run: "
+        f"{', '.join(f'{e / f[0]:.3f}' for e, f in zip(serial_runs, floor_runs))}) | |",
         f"| `taylor` peak memory above the loaded model | {mem['taylor']['peak_extra_mb']:.0f} MB | |",
         f"| plain `loss.backward()` keeping all gradients | {mem['backward']['peak_extra_mb']:.0f} MB | |",
         f"| taylor / plain backward | **{mem['taylor']['peak_extra_mb'] / mem['backward']['peak_extra_mb']:.2f}x** "
@@ -242,6 +254,12 @@ def main() -> None:
         f"{mem['normal']['base_mb']:.0f} MB | |",
         f"| `ppl` peak memory, offloaded mode (execution device = CPU) | {mem['offload']['peak_extra_mb']:.0f} MB "
         f"above {mem['offload']['base_mb']:.0f} MB; scores identical: {same_offload} | |",
+        "",
+        "The floor times every pass alone, each matrix product split over all threads, as the issue defines "
+        "it. The engine's default computes independent candidate streams concurrently, one per thread, which "
+        "keeps both cores busier than splitting each product between them; so it can come in under the floor. "
+        "The `workers=1` row is the engine doing exactly the floor's work: its ratio is the engine's own "
+        "overhead (capture pass, loss over the vocabulary, bookkeeping).",
         "",
         "Peak memory is the peak resident set size (VmHWM, reset after loading) minus the resident size "
         "after loading, each in a fresh process. On this CPU-only machine the offloaded mode's execution "

@@ -34,13 +34,21 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(model, ctx) == expected
 
 
-def test_peak_rss_sees_an_allocation():
-    with _PeakRSS() as rss:
-        before = rss.peak
+@pytest.mark.parametrize("kernel", [True, False], ids=["high-water-mark", "sampling-thread"])
+def test_peak_rss_sees_an_allocation_freed_before_exit(kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(_PeakRSS, "_reset_high_water_mark", lambda self: False)
+    tracker = _PeakRSS()
+    before = tracker.peak
+    with tracker as rss:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         block += 1
+        if not kernel:
+            import time
+
+            time.sleep(0.05)  # the sampler must get a look at it
+        del block
     assert rss.peak - before > 32 * 2**20
-    del block
 
 
 def test_bench_model_points_are_consistent():
@@ -58,12 +66,13 @@ def test_bench_cli_writes_every_field(dense_and_pruned, tmp_path, capsys):
     dense, pruned = dense_and_pruned
     out = tmp_path / "bench.json"
     code = main(["bench", str(pruned), "--baseline", str(dense), "--batch-sizes", "1,2", "--output-lens", "4",
-                 "--prompt-len", "4", "--repeats", "2", "--out", str(out)])
+                 "--prompt-len", "4", "--repeats", "2", "--threads", "1", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert (tmp_path / "bench.png").stat().st_size > 0
     model, base = result["models"]["model"], result["models"]["baseline"]
     assert model["num_blocks"] == N_LAYERS - 3 and base["num_blocks"] == N_LAYERS
+    assert model["cpu_threads"] == base["cpu_threads"] == result["settings"]["threads"] == 1
     assert result["flop_ratio"] == pytest.approx(model["flops_per_token"] / base["flops_per_token"])
     assert result["flop_speedup_bound"] == pytest.approx(1 / result["flop_ratio"])
     assert {"command", "created", "versions", "settings"} <= set(result)
@@ -81,6 +90,7 @@ def test_bench_cli_writes_every_field(dense_and_pruned, tmp_path, capsys):
 def test_bench_bad_input(dense_and_pruned, tmp_path, capsys):
     dense, _ = dense_and_pruned
     assert main(["bench", str(dense), "--batch-sizes", "0", "--out", str(tmp_path / "b.json")]) == 2
+    assert main(["bench", str(dense), "--threads", "0", "--out", str(tmp_path / "b.json")]) == 2
     assert main(["bench", str(tmp_path / "missing"), "--out", str(tmp_path / "b.json")]) == 2
     (tmp_path / "b.json").write_text("{}")
     assert main(["bench", str(dense), "--out", str(tmp_path / "b.json")]) == 2

@@ -36,21 +36,25 @@ def assert_rel(got: list[float], expected: list[float], tol: float = 1e-4) -> No
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("batch_tokens", [1, 10**6])  # one stream per block call / all streams batched
-def test_ppl_equals_pruned_copy_every_block(arch, batch_tokens):
+@pytest.mark.parametrize("batch_tokens,workers", [(1, 1), (1, 3), (10**6, 1)],
+                         ids=["one-stream-per-call", "parallel-streams", "all-streams-batched"])
+def test_ppl_equals_pruned_copy_every_block(arch, batch_tokens, workers):
     model = tiny_model(arch)
     ids = tiny_inputs(batch=3, length=20)  # longer than the sliding windows
-    got = score_blocks(model, ids, "ppl", batch_tokens=batch_tokens, progress=False)
+    threads = torch.get_num_threads()
+    got = score_blocks(model, ids, "ppl", batch_tokens=batch_tokens, workers=workers, progress=False)
+    assert torch.get_num_threads() == threads  # the workers' share of the threads is given back
     expected = [reference_ppl(model, ids, [i]) for i in range(N_LAYERS)]
     assert_rel(got.scores, expected)
     assert len(set(round(s, 6) for s in got.scores)) > 1  # the blocks differ: the test can fail
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
-def test_ppl_with_skipped_blocks_equals_pruned_copy(arch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ppl_with_skipped_blocks_equals_pruned_copy(arch, workers):
     model = tiny_model(arch)
     ids = tiny_inputs(batch=2, length=20)
-    got = score_blocks(model, ids, "ppl", skip=[1, 4], progress=False)
+    got = score_blocks(model, ids, "ppl", skip=[1, 4], workers=workers, progress=False)
     assert got.scores[1] is None and got.scores[4] is None
     for i in (0, 2, 3, 5):
         assert abs(got.scores[i] - reference_ppl(model, ids, [1, 4, i])) <= 1e-4 * got.scores[i]

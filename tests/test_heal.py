@@ -358,8 +358,9 @@ def _cli(argv):
         return 2, str(exc)
 
 
-def test_cli_distill_from_pruned_folder(tmp_path, capsys):
-    """A pruned folder written like `shortened prune` does: the teacher comes from pruning.json."""
+def pruned_folder(tmp_path, removed):
+    """A dense tiny model and a pruned copy saved as `shortened prune` does (pruning.json names the
+    source), and a small text file; returns (dense dir, pruned dir, text file)."""
     from shortened.io import pruning_record, save_model
     from shortened.surgery import remove_blocks
 
@@ -367,10 +368,17 @@ def test_cli_distill_from_pruned_folder(tmp_path, capsys):
     src = tmp_path / "dense"
     save_model(tiny_model("llama"), tok, src)
     model = tiny_model("llama")
-    kept = remove_blocks(model, [2, 3])
+    kept = remove_blocks(model, removed)
     save_model(model, tok, tmp_path / "pruned", pruning_record(str(src), 6, kept, model_type="llama"))
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    return src, tmp_path / "pruned", text
+
+
+def test_cli_distill_from_pruned_folder(tmp_path, capsys):
+    """A pruned folder written like `shortened prune` does: the teacher comes from pruning.json."""
+    src, _, text = pruned_folder(tmp_path, [2, 3])
+
     def argv(data=text, out=tmp_path / "healed", *more):
         return ["heal", str(tmp_path / "pruned"), "--method", "distill", "--data", str(data), "--seq-len", "32",
                 "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--warmup-steps", "1", "--out", str(out),
@@ -419,3 +427,119 @@ def test_smollm2_lora_on_alpaca(smollm2_folder, shared_data, tmp_path):
     x = torch.tensor([data.val[0]["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, r.model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ reconstruct
+
+
+@pytest.mark.parametrize("kept,n,width,expected", [
+    ([0, 1, 4, 5], 6, 1, [(1, 1, 1, 4)]),                          # a middle run: the block before it
+    ([0, 1, 4, 5], 6, 2, [(1, 2, 1, 5)]),                          # ... and the block after it
+    ([2, 3, 4, 5], 6, 1, [(0, 1, 0, 3)]),                          # a run at the start: the first kept block
+    ([0, 1, 2, 3], 6, 2, [(3, 1, 3, 6)]),                          # a run at the end: the last output
+    ([1, 3, 5], 7, 1, [(0, 1, 0, 3), (1, 1, 3, 5), (2, 1, 5, 7)]),  # every other block
+    ([1, 3, 5], 7, 2, [(0, 3, 0, 7)]),                             # bridges sharing blocks merge
+    ([0, 3, 4, 5, 8, 9], 10, 2, [(0, 2, 0, 4), (3, 2, 5, 9)]),
+])
+def test_find_bridges(kept, n, width, expected):
+    from shortened.heal.reconstruct import find_bridges
+
+    assert [(b.index, b.count, b.start, b.end) for b in find_bridges(kept, n, width)] == expected
+
+
+@pytest.mark.parametrize("kept,message", [([0, 1, 2], "nothing to reconstruct"), ([0, 3, 9], "do not describe"),
+                                          ([2, 1], "do not describe"), ([], "do not describe")])
+def test_find_bridges_refuses(kept, message):
+    from shortened.heal.reconstruct import find_bridges
+
+    with pytest.raises(ShortenedError, match=message):
+        find_bridges(kept, 3 if message == "nothing to reconstruct" else 6)
+
+
+@pytest.mark.parametrize("removed,width", [([2, 3], 1), ([2, 3], 2), ([4, 5], 2)])  # middle; end (last output)
+def test_reconstruct_objective_equals_reference(removed, width):
+    """The loss equals a hand computation: run the pruned model with the bridge's input replaced by the
+    teacher's, compare its output with the teacher's hidden state after the gap (first position left out)."""
+    from shortened.heal.reconstruct import ReconstructObjective
+    from shortened.surgery import remove_blocks
+
+    teacher = tiny_model("llama")
+    student = tiny_model("llama", seed=1)  # different weights: the error is not zero
+    kept = remove_blocks(student, removed)
+    bridge = kept.index(removed[0] - 1)
+    last = min(bridge + width - 1, len(kept) - 1)  # the bridge's last student block
+    after = kept[last + 1] if last + 1 < len(kept) else 6
+    batch = collate(pattern_data().val[:3])
+    batch["attention_mask"][1, -4:] = 0  # padding is left out too
+    with torch.no_grad():
+        states = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=True, use_cache=False).hidden_states  # inputs of each block
+        outs = {}
+        if removed[-1] == 5:
+            teacher.model.layers[5].register_forward_hook(lambda m, a, o: outs.setdefault("last", o[0] if isinstance(o, tuple) else o))
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        target = outs["last"] if after == 6 else states[after]
+        first, final = student.model.layers[bridge], student.model.layers[last]
+        h1 = first.register_forward_pre_hook(lambda m, a, k: ((states[removed[0] - 1],) + a[1:], k), with_kwargs=True)
+        h2 = final.register_forward_hook(lambda m, a, o: outs.setdefault("bridge", o[0] if isinstance(o, tuple) else o))
+        student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        h1.remove(), h2.remove()
+        err = (outs["bridge"] - target).pow(2).sum(-1) / target.pow(2).sum(-1)
+        mask = batch["attention_mask"].clone().float()
+        mask[:, 0] = 0
+        expected = float((err * mask).sum() / mask.sum())
+        objective = ReconstructObjective(teacher, kept, width)
+        got = float(objective.sums(student, batch) / objective.counts(batch))
+    assert got == pytest.approx(expected, rel=1e-5) and expected > 1e-3
+
+
+def test_reconstruct_heals_only_the_bridges(trained_tiny):
+    from shortened.surgery import remove_blocks
+
+    student = tiny_model("llama")
+    student.load_state_dict(trained_tiny.state_dict())
+    kept = remove_blocks(student, [2, 3])
+    before = _weights(student)
+    data = pattern_data()
+    r = heal(student, data, "reconstruct", teacher=trained_tiny, kept=kept, steps=12, batch_size=8, grad_accum=1,
+             lr=1e-2, eval_every=4, **FAST)
+    assert r.run.best_val_loss < 0.5 * r.run.val_log[0]["val_loss"], r.run.val_log
+    after = _weights(r.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {n.split(".")[2] for n in changed} == {"1", "2"}, sorted(changed)  # width 2: blocks 1 and 2
+    # The healed model predicts better than the pruned one (the objective is a proxy; this is the point).
+    batch = collate(data.val)
+    with torch.no_grad():
+        pruned_model = tiny_model("llama")
+        pruned_model.load_state_dict(trained_tiny.state_dict())
+        remove_blocks(pruned_model, [2, 3])
+        lm = LMObjective()
+        loss = lambda m: float(lm.sums(m, batch) / lm.counts(batch))
+        assert loss(r.model) < loss(pruned_model)
+    # Without a record of the removed blocks, or with nothing removed, it refuses.
+    with pytest.raises(ShortenedError, match="kept_blocks"):
+        heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, steps=1, **FAST)
+    with pytest.raises(ShortenedError, match="nothing to reconstruct"):
+        heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, kept=list(range(6)), steps=1, **FAST)
+
+
+def test_cli_reconstruct_from_pruned_folder(tmp_path, capsys):
+    """The removed blocks and the teacher come from pruning.json; the output is a plain model in which
+    only the bridge block differs from the pruned input."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    src, _, text = pruned_folder(tmp_path, [3, 4])
+    assert _cli(["heal", str(tmp_path / "pruned"), "--method", "reconstruct", "--data", str(text), "--seq-len", "32",
+                 "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--warmup-steps", "1", "--bridge-width", "1",
+                 "--out", str(tmp_path / "healed")]) == 0
+    record = json.loads((tmp_path / "healed" / "pruning.json").read_text())
+    assert record["healing"]["method"] == "reconstruct" and record["healing"]["trainable"] == "bridges"
+    assert record["healing"]["teacher"] == str(src) and record["healing"]["settings"]["lr"] == 3e-3
+    assert record["healing"]["settings"]["bridge_width"] == 1
+    before = load_file(tmp_path / "pruned" / "model.safetensors")
+    after = load_file(tmp_path / "healed" / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.startswith("model.layers.2.") for k in changed), changed  # kept[2] == 2: the bridge
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
+    assert len(reloaded.model.layers) == 4

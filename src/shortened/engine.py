@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,13 @@ DEFAULT_LOSS_CHUNK = 1024
 #: Tokens per block call when several candidate streams are batched together on an accelerator. On a
 #: CPU the default is one stream per call: bigger batches only push activations out of the caches.
 DEFAULT_BATCH_TOKENS = 16384
+
+
+def default_workers(device: torch.device) -> int:
+    """Candidate streams computed concurrently: on a CPU one per core, each single-threaded (independent
+    streams in parallel use the cores better than splitting every matrix product between them; measured
+    in benchmarks/results/scoring.md); on an accelerator one, since it parallelises each call itself."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
 
 
 class _StopForward(Exception):
@@ -56,6 +64,25 @@ class Capture:
     @property
     def batch(self) -> int:
         return self.ids.shape[0]
+
+
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def split_block_call(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, _Call]:
+    """A block's hidden-states input and the rest of its call, as seen by a forward pre-hook."""
+    if args:
+        return args[0], _Call(tuple(args[1:]), dict(kwargs), None)
+    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    return kwargs["hidden_states"], _Call((), rest, "hidden_states")
+
+
+def without_cache(call: _Call) -> _Call:
+    """The call with no KV-cache object (re-runs would update it: wrong results) and ``use_cache`` off."""
+    call.kwargs = {k: (None if k in _CACHE_ARGS else v) for k, v in call.kwargs.items()}
+    if "use_cache" in call.kwargs:
+        call.kwargs["use_cache"] = False
+    return call
 
 
 def check_calib_ids(calib_ids: Any, vocab_size: int | None = None) -> torch.Tensor:
@@ -122,6 +149,7 @@ class Engine:
         device: str | torch.device | None = None,
         batch_tokens: int | None = None,
         loss_chunk: int = DEFAULT_LOSS_CHUNK,
+        workers: int | None = None,
         progress: bool = True,
         spec: ArchSpec | None = None,
     ) -> None:
@@ -148,12 +176,14 @@ class Engine:
         if batch_tokens is None:
             batch_tokens = DEFAULT_BATCH_TOKENS if self.device.type != "cpu" else 1
         self.batch_tokens = max(1, batch_tokens)
+        self.workers = max(1, workers if workers is not None else default_workers(self.device))
         self.calib_ids = None if calib_ids is None else check_calib_ids(
             calib_ids, getattr(model.config, "vocab_size", None))
         self.batch_size = batch_size or (self.calib_ids.shape[0] if self.calib_ids is not None else 1)
         if self.batch_size < 1:
             raise ShortenedError("batch size must be at least 1")
         self._captures: list[Capture] | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._head = [m for m in (get_submodule(model, p) for p in self.spec.head) if m is not None]
         cap = getattr(model.config, self.spec.logit_softcap_field, None) if self.spec.logit_softcap_field else None
         self.softcap: float | None = float(cap) if cap else None
@@ -176,12 +206,7 @@ class Engine:
 
         def make_hook(i: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                if args:
-                    hidden, call = args[0], _Call(tuple(args[1:]), dict(kwargs), None)
-                else:
-                    hidden = kwargs["hidden_states"]
-                    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                    call = _Call((), rest, "hidden_states")
+                hidden, call = split_block_call(args, kwargs)
                 inputs[i], calls[i] = hidden.detach(), call
                 if i == n_blocks - 1:
                     raise _StopForward
@@ -210,11 +235,8 @@ class Engine:
                 h.remove()
         if any(c is None for c in calls):
             raise ShortenedError("the model's forward did not call every block; cannot score its blocks")
-        for c in calls:  # a cache object in the arguments would be updated by every re-run
-            c.kwargs = {k: (None if k in ("cache", "past_key_values", "past_key_value", "layer_past") else v)
-                        for k, v in c.kwargs.items()}
-            if "use_cache" in c.kwargs:
-                c.kwargs["use_cache"] = False
+        for c in calls:
+            without_cache(c)  # type: ignore[arg-type]
         return Capture(ids=ids.to(self.device), inputs=inputs, calls=calls)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- blocks
@@ -234,13 +256,50 @@ class Engine:
         """Apply one block to several streams of the same micro-batch, batched up to ``batch_tokens``."""
         n, seq = cap.ids.shape
         per_call = max(1, self.batch_tokens // (n * seq))
-        out: list[torch.Tensor] = []
-        for start in range(0, len(streams), per_call):
-            group = streams[start:start + per_call]
+        groups = [streams[s:s + per_call] for s in range(0, len(streams), per_call)]
+
+        def run(group: list[torch.Tensor]) -> list[torch.Tensor]:
             x = group[0] if len(group) == 1 else torch.cat(group, 0)
             y = call_block(block, cap.calls[index], x, n)
-            out.extend(y.split(n, 0) if len(group) > 1 else [y])
-        return out
+            return list(y.split(n, 0)) if len(group) > 1 else [y]
+
+        return [y for ys in self.map(run, groups) for y in ys]
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(x) for x in items]``, on ``workers`` threads with the cores shared out between them.
+
+        The streams are independent, so the results are those of the sequential loop (up to the rounding
+        of a matrix product split over fewer threads).
+        """
+        if self.workers <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+
+        def call(x: Any) -> Any:
+            with torch.inference_mode():  # thread-local: enter it in the worker
+                return fn(x)
+
+        return list(self._pool().map(call, items))
+
+    def _pool(self) -> "ThreadPoolExecutor":
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="shortened-stream")
+        return self._executor
+
+    @contextlib.contextmanager
+    def parallel(self) -> Iterator[None]:
+        """Share the intra-op threads out between the workers for the duration, then restore them."""
+        if self.workers <= 1:
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // self.workers))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
 
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -287,7 +346,7 @@ class Engine:
         streams: list[dict[int, torch.Tensor]] = [{} for _ in caps]
         dense: list[torch.Tensor | None] = [c.inputs[0] for c in caps]
         last = self.active[-1]
-        with torch.inference_mode(), self._bar(len(self.active), "ppl") as bar:
+        with torch.inference_mode(), self.parallel(), self._bar(len(self.active), "ppl") as bar:
             for j in self.active:
                 with self.on_device(j) as block:
                     for m, cap in enumerate(caps):
@@ -307,18 +366,23 @@ class Engine:
                 bar.update()
         totals = {i: 0.0 for i in cands}
         count = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), self.parallel():
             for m, cap in enumerate(caps):
                 keys = sorted(streams[m])
                 count += cap.ids.shape[0] * (cap.ids.shape[1] - 1)
                 per_call = max(1, self.batch_tokens // cap.ids.numel())
-                for s in range(0, len(keys), per_call):
-                    group = keys[s:s + per_call]
-                    sums = self.nll_sum(torch.cat([streams[m][i] for i in group], 0), cap.ids)
-                    for i, v in zip(group, sums.tolist()):
-                        totals[i] += v
-                    for i in group:
-                        del streams[m][i]  # free as we go
+                groups = [keys[s:s + per_call] for s in range(0, len(keys), per_call)]
+
+                def nll(group: list[int], m: int = m, cap: Capture = cap) -> list[float]:
+                    return self.nll_sum(torch.cat([streams[m][i] for i in group], 0), cap.ids).tolist()
+
+                # in rounds of `workers` groups, freeing each round's streams as soon as it is done
+                for r in range(0, len(groups), self.workers):
+                    batch = groups[r:r + self.workers]
+                    for group, sums in zip(batch, self.map(nll, batch)):
+                        for i, v in zip(group, sums):
+                            totals[i] += v
+                            del streams[m][i]
         return {i: totals[i] / count for i in sorted(totals)}
 
     def dense_hiddens(self, reduce: str = "all") -> list[list[torch.Tensor]]:

@@ -83,8 +83,10 @@ class RunConfig:
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ShortenedError(f"number of blocks to remove must be positive, got {self.num_blocks}")
         get_criterion(self.criterion)
-        if self.heal not in (None, "lora", "full", "distill"):
-            raise ShortenedError(f"unknown healing method '{self.heal}': choose lora, full or distill")
+        from .heal import METHODS
+
+        if self.heal is not None and self.heal not in METHODS:
+            raise ShortenedError(f"unknown healing method '{self.heal}': choose {', '.join(METHODS)}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ShortenedError(f"data folder not found: {self.data_dir}")
 
@@ -227,7 +229,7 @@ class Pipeline:
         def work(tmp: Path) -> None:
             from .heal import heal
 
-            teacher = self.dense()[0] if self.c.heal == "distill" else None
+            teacher = self.dense()[0] if self.c.heal in ("distill", "reconstruct") else None
             out = tmp / "model"
             heal(str(pruned), data, self.c.heal, out=out, teacher=teacher, checkpoint_dir=tmp / "checkpoints",
                  **self.c.heal_options)

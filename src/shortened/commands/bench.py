@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens")
     p.add_argument("--warmup", type=int, default=1, help="discarded runs before timing")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch in each measuring process")
     p.add_argument("--out", default="bench.json", help="JSON with every measurement; the plot goes beside it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = parse_int_list(args.batch_sizes, "batch sizes")
     output_lens = parse_int_list(args.output_lens, "output lengths")
     for name, values in (("batch size", batch_sizes), ("output length", output_lens), ("prompt length", [args.prompt_len]),
-                         ("repeats", [args.repeats])):
+                         ("repeats", [args.repeats]), ("threads", [1 if args.threads is None else args.threads])):
         if min(values) < 1:
             raise ShortenedError(f"{name} must be at least 1")
     if args.warmup < 0:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         load_kwargs=dict(dtype=args.dtype, device=args.device, device_map=args.device_map,
                          cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code),
         batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=args.prompt_len,
-        warmup=args.warmup, repeats=args.repeats,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads,
     )
     result["models"]["model"]["model"] = args.model
     if args.baseline:

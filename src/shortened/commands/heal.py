@@ -1,8 +1,10 @@
-"""``shortened heal DIR --method lora|full|distill --data ... --out DIR2``: retrain a pruned model.
+"""``shortened heal DIR --method lora|full|distill|reconstruct --data ... --out DIR2``: retrain a pruned model.
 
 lora is the paper's recipe (LoRA r=8 on Alpaca with the prompt masked, merged at the end); full is
 continued pre-training of every weight; distill trains the student (LoRA or every weight) to match
-the unpruned model's next-token distributions. Runs unchanged under `accelerate launch`.
+the unpruned model's next-token distributions; reconstruct trains only the kept block before each
+removed run to output the unpruned model's hidden state after the run (fastest per token, one
+process). Runs unchanged under `accelerate launch` (reconstruct excepted).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ EXAMPLES = """examples:
   shortened heal runs/p --method distill --data books/ --seq-len 256 --steps 200 --out runs/p-kd
   shortened heal runs/p --method distill --student full --teacher smollm2-135m --data hf:yahma/alpaca-cleaned --out runs/p-kd
   shortened heal runs/p --method full --data corpus.txt --steps 500 --lr 2e-5 --out runs/p-cpt
+  shortened heal runs/p --method reconstruct --data books/ --seq-len 128 --batch-size 8 --grad-accum 1 --steps 300 --out runs/p-rec
   shortened heal runs/p --method lora --data alpaca --out runs/p-lora --resume      # after an interruption
   accelerate launch --num_processes 4 -m shortened.cli heal runs/p --method lora --data alpaca --out runs/p-lora
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m shortened.cli heal runs/p ...  # CPU, gloo
@@ -33,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..heal import METHODS, HealSettings
 
     d = HealSettings()
-    p = sub.add_parser("heal", help="retrain a pruned model (LoRA, full, distillation)",
+    p = sub.add_parser("heal", help="retrain a pruned model (LoRA, full, distillation, block reconstruction)",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("model", metavar="DIR", help="the pruned model folder (or any " + MODEL_HELP + ")")
     p.add_argument("--method", choices=METHODS, default="lora", help="healing method")
@@ -45,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     t.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training split when --steps is not given")
     t.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: lora 1e-4 as the paper; full 2e-5; distill 5e-4 with a LoRA student, 2e-5 full)")
+                   help="peak learning rate (default: lora 1e-4 as the paper; full 2e-5; distill 5e-4 with a LoRA student, "
+                        "2e-5 full; reconstruct 3e-3)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch per process")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
     t.add_argument("--seq-len", type=int, default=d.seq_len, help="Alpaca cut-off / packed text length in tokens")
@@ -67,11 +71,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha")
     lo.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout")
 
-    ds = p.add_argument_group("distillation (method distill)")
+    ds = p.add_argument_group("distillation (methods distill and reconstruct)")
     ds.add_argument("--teacher", default=None, help="teacher model (default: 'source' of DIR/pruning.json)")
     ds.add_argument("--student", choices=("lora", "full"), default=d.student, help="trainable part of the student")
     ds.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature of the KL term")
     ds.add_argument("--lm-weight", type=float, default=d.lm_weight, help="weight of the LM loss added to the KL")
+
+    rc = p.add_argument_group("block reconstruction (method reconstruct)")
+    rc.add_argument("--bridge-width", type=int, default=d.bridge_width,
+                    help="kept blocks trained per removed run: the one before it, and the next width-1 after it")
 
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints)")
@@ -88,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
         save_every=args.save_every, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        student=args.student, temperature=args.temperature, lm_weight=args.lm_weight,
+        student=args.student, temperature=args.temperature, lm_weight=args.lm_weight, bridge_width=args.bridge_width,
         train_on_inputs=args.train_on_inputs, max_examples=args.max_examples, max_time=args.max_time,
         mixed_precision=args.mixed_precision, dtype=args.dtype,
     )

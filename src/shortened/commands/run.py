@@ -45,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
     c.add_argument("--seed", type=int, default=1234, help="seed for calibration sampling")
     h = p.add_argument_group("healing")
-    h.add_argument("--heal", choices=("lora", "full", "distill", "none"), default="none", help="healing method")
+    from ..heal import METHODS
+
+    h.add_argument("--heal", choices=(*METHODS, "none"), default="none", help="healing method")
     h.add_argument("--heal-data", default=None,
                    help="healing data (default: Alpaca from --data-dir, else text sampled from the original model)")
     h.add_argument("--heal-steps", type=int, default=None, help="optimizer steps (default: the method's epochs)")

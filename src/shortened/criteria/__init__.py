@@ -81,6 +81,7 @@ def score_blocks(
     device: str | torch.device | None = None,
     batch_tokens: int | None = None,
     loss_chunk: int | None = None,
+    workers: int | None = None,
     progress: bool = True,
     **options: Any,
 ) -> BlockScores:
@@ -88,7 +89,8 @@ def score_blocks(
 
     ``skip`` treats those blocks as already removed (used by the iterative driver); their score is None.
     ``batch_size`` splits the samples into micro-batches for the capture pass; ``offload`` keeps the
-    blocks where they are (CPU) and moves one at a time to ``device``. Remaining ``options`` go to the
+    blocks where they are (CPU) and moves one at a time to ``device``. ``workers`` candidate streams are
+    computed concurrently (default: one per CPU thread on a CPU, one on an accelerator). Remaining ``options`` go to the
     criterion (e.g. ``norm="l2"`` for magnitude, ``seed`` for random, ``tokens`` for angular).
     """
     crit = get_criterion(criterion)
@@ -105,6 +107,8 @@ def score_blocks(
         engine_kw["batch_tokens"] = batch_tokens
     if loss_chunk is not None:
         engine_kw["loss_chunk"] = loss_chunk
+    if workers is not None:
+        engine_kw["workers"] = workers
     with _offloaded(model, spec, offload, device) as exec_device:
         engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip, batch_size=batch_size,
                         offload=offload, device=exec_device, progress=progress, spec=spec, **engine_kw)

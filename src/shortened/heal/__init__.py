@@ -6,7 +6,9 @@ Three methods share one training loop (:mod:`.loop`):
   projections, Alpaca with the prompt masked, merged into the weights at the end;
 * ``full``: continued pre-training of every weight;
 * ``distill``: the unpruned model as teacher (KL on next-token distributions, optionally plus the LM
-  loss), training LoRA adapters or every weight of the student.
+  loss), training LoRA adapters or every weight of the student;
+* ``reconstruct``: block-local: the kept block before each removed run learns to output the unpruned
+  model's hidden state after the run (:mod:`.reconstruct`); cheapest per token, one process.
 
 ``heal(...)`` is the Python API; ``shortened heal`` is its command line.
 """
@@ -32,9 +34,9 @@ from .loop import LMObjective, TrainConfig, TrainResult, load_trainable_state, t
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "full", "distill")
+METHODS = ("lora", "full", "distill", "reconstruct")
 #: Learning rate per method when none is given (lora: the paper's; see benchmarks/results/healing.md).
-DEFAULT_LR = {"lora": 1e-4, "full": 2e-5, "distill": 5e-4}
+DEFAULT_LR = {"lora": 1e-4, "full": 2e-5, "distill": 5e-4, "reconstruct": 3e-3}
 #: Default distillation student learning rates by trainable part.
 DEFAULT_DISTILL_LR = {"lora": 5e-4, "full": 2e-5}
 ADAPTER_DIR = "adapter"
@@ -65,6 +67,7 @@ class HealSettings:
     student: str = "lora"  # distill: trainable part of the student, lora or full
     temperature: float = 1.0  # distill
     lm_weight: float = 0.0  # distill: weight of the LM loss beside the KL
+    bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
     train_on_inputs: bool = False  # Alpaca: also train on the prompt tokens
     max_examples: int | None = None
     max_time: float | None = None
@@ -121,6 +124,7 @@ def heal(
     tokenizer: Any = None,
     teacher: str | os.PathLike | nn.Module | None = None,
     teacher_tokenizer: Any = None,
+    kept: list[int] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -136,6 +140,8 @@ def heal(
     the merged model is saved there (atomically) with ``pruning.json`` extended by a ``healing``
     section, ``adapter/`` (LoRA), ``healing_log.csv`` and ``loss.png``; checkpoints go to
     ``checkpoint_dir`` (default ``OUT.checkpoints``) and ``resume`` continues from the latest.
+    ``kept`` (reconstruct) gives the teacher's index of each block of ``model``; by default it is read
+    from the input's pruning.json.
     """
     from accelerate import Accelerator
 
@@ -166,19 +172,36 @@ def heal(
         raise ShortenedError("no training examples")
 
     teacher_spec_used = None
-    trainable = "full" if method == "full" else ("lora" if method == "lora" else settings.student)
-    if method == "distill":
+    trainable = {"full": "full", "lora": "lora", "reconstruct": "bridges"}.get(method, settings.student)
+    if method == "reconstruct":
+        if accelerator.num_processes > 1:
+            raise ShortenedError("--method reconstruct runs in one process (it trains a few blocks directly); "
+                                 "launch it without accelerate's multi-process mode")
+        kept = list(kept) if kept is not None else record.get("kept_blocks")
+        if not isinstance(kept, list) or not kept:
+            raise ShortenedError(f"{model_spec} has no pruning.json with kept_blocks: --method reconstruct needs "
+                                 "to know which blocks were removed (prune with shortened first)")
+        teacher, teacher_spec_used, _ = _load_teacher(teacher, model_spec, settings, device)
+        from .reconstruct import ReconstructObjective
+
+        teacher.to(device)
+        objective: Any = ReconstructObjective(teacher, kept, settings.bridge_width)
+    elif method == "distill":
         teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, settings, device)
         from .distill import DistillObjective, check_same_vocab
 
         teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else loaded_teacher_tokenizer
         check_same_vocab(model, teacher, tokenizer, teacher_tokenizer)
         teacher.to(device)
-        objective: Any = DistillObjective(teacher, settings.temperature, settings.lm_weight)
+        objective = DistillObjective(teacher, settings.temperature, settings.lm_weight)
     else:
         objective = LMObjective()
 
-    if trainable == "lora":
+    if trainable == "bridges":
+        from .reconstruct import make_bridges_trainable
+
+        trained = make_bridges_trainable(model, objective.bridges)
+    elif trainable == "lora":
         from .lora import add_lora
 
         trained = add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.seed)
