@@ -484,10 +484,9 @@ def test_reconstruct_objective_equals_reference(removed, width):
         h2 = final.register_forward_hook(lambda m, a, o: outs.setdefault("bridge", o[0] if isinstance(o, tuple) else o))
         student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         h1.remove(), h2.remove()
-        err = (outs["bridge"] - target).pow(2).sum(-1) / target.pow(2).sum(-1)
-        mask = batch["attention_mask"].clone().float()
-        mask[:, 0] = 0
-        expected = float((err * mask).sum() / mask.sum())
+        mask = batch["attention_mask"].clone().bool()
+        mask[:, 0] = False
+        expected = float((outs["bridge"] - target)[mask].pow(2).sum() / target[mask].pow(2).sum())
         objective = ReconstructObjective(teacher, kept, width)
         got = float(objective.sums(student, batch) / objective.counts(batch))
     assert got == pytest.approx(expected, rel=1e-5) and expected > 1e-3
@@ -501,9 +500,9 @@ def test_reconstruct_heals_only_the_bridges(trained_tiny):
     kept = remove_blocks(student, [2, 3])
     before = _weights(student)
     data = pattern_data()
-    r = heal(student, data, "reconstruct", teacher=trained_tiny, kept=kept, steps=12, batch_size=8, grad_accum=1,
-             lr=1e-2, eval_every=4, **FAST)
-    assert r.run.best_val_loss < 0.5 * r.run.val_log[0]["val_loss"], r.run.val_log
+    r = heal(student, data, "reconstruct", teacher=trained_tiny, kept=kept, steps=24, batch_size=8, grad_accum=1,
+             lr=3e-3, eval_every=4, **FAST)
+    assert r.run.best_val_loss < 0.6 * r.run.val_log[0]["val_loss"], r.run.val_log
     after = _weights(r.model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert {n.split(".")[2] for n in changed} == {"1", "2"}, sorted(changed)  # width 2: blocks 1 and 2

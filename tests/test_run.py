@@ -97,3 +97,28 @@ def test_run_bad_input(case, message, tiny_with_tokenizer, tmp_path, capsys):
     assert sorted(p.name for p in tiny_with_tokenizer.iterdir()) == before
     if case.startswith("ratio"):
         assert not out.exists()
+
+
+def test_push_to_hub_uploads_the_folder_without_stages(tmp_path, monkeypatch, capsys):
+    """The upload itself is the Hub's; what is ours: which folder, which repo, what is left out, and a
+    one-line error (naming the finished folder) when the upload fails."""
+    import huggingface_hub
+
+    from shortened.commands.run import _push
+    from shortened.errors import ShortenedError
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, exist_ok: calls.append(("create", repo, exist_ok)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda **kw: calls.append(("upload", kw["repo_id"], kw["folder_path"], kw["ignore_patterns"])))
+    _push(tmp_path, "me/model")
+    assert calls == [("create", "me/model", True), ("upload", "me/model", str(tmp_path), ["stages/*", ".*"])]
+    assert "https://huggingface.co/me/model" in capsys.readouterr().out
+
+    def offline(**kw):
+        raise OSError("Network is unreachable\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
+    with pytest.raises(ShortenedError, match=f"the run finished in {tmp_path}, but the upload to me/model failed: "
+                                             "Network is unreachable$"):
+        _push(tmp_path, "me/model")
