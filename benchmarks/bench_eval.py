@@ -90,8 +90,12 @@ def report(rows, names, full_chunks, args, command) -> str:
     if args.task_limit:
         limits.append(f"zero-shot on the first {args.task_limit} items of each task")
     if limits:
-        lines += ["**Partial evaluation**: " + "; ".join(limits) + ". Accuracies on so few items are noisy "
-                  "(± about 10 points); they show the pipeline, not the models' ranking.", ""]
+        noise = ""
+        if args.task_limit:
+            se = 50 / args.task_limit ** 0.5  # the standard error of an accuracy near 50%, in points
+            noise = (f" With {args.task_limit} items an accuracy's standard error is up to {se:.0f} points, so "
+                     f"differences under about {2 * se:.0f} points are not a ranking.")
+        lines += ["**Partial evaluation**: " + "; ".join(limits) + "." + noise, ""]
     lines += [markdown_table(rows, names).strip(), ""]
     lines += ["Wall time and extrapolation to the full sets (time per chunk / per item x size of the set):", "",
               "| model | part | measured on | wall s | s per chunk/item | full set | full-set estimate |",

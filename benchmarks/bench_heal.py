@@ -38,6 +38,8 @@ RUNS: dict[str, tuple[str, str, dict]] = {
     "distill-lora-books": ("distill", "books", dict(student="lora", lr=5e-4, batch_size=4, grad_accum=2, seq_len=128)),
     "distill-full-books": ("distill", "books", dict(student="full", lr=2e-5, batch_size=4, grad_accum=2, seq_len=128)),
     "reconstruct-books": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128)),
+    "reconstruct-books-total": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128,
+                                                            reconstruct_loss="total")),
     "reconstruct-alpaca": ("reconstruct", "alpaca", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=256)),
 }
 

@@ -456,8 +456,9 @@ def test_find_bridges_refuses(kept, message):
         find_bridges(kept, 3 if message == "nothing to reconstruct" else 6)
 
 
-@pytest.mark.parametrize("removed,width", [([2, 3], 1), ([2, 3], 2), ([4, 5], 2)])  # middle; end (last output)
-def test_reconstruct_objective_equals_reference(removed, width):
+@pytest.mark.parametrize("removed,width,loss", [([2, 3], 1, "token"), ([2, 3], 2, "token"), ([4, 5], 2, "token"),
+                                                ([2, 3], 2, "total")])  # middle; end (the last output)
+def test_reconstruct_objective_equals_reference(removed, width, loss):
     """The loss equals a hand computation: run the pruned model with the bridge's input replaced by the
     teacher's, compare its output with the teacher's hidden state after the gap (first position left out)."""
     from shortened.heal.reconstruct import ReconstructObjective
@@ -486,8 +487,10 @@ def test_reconstruct_objective_equals_reference(removed, width):
         h1.remove(), h2.remove()
         mask = batch["attention_mask"].clone().bool()
         mask[:, 0] = False
-        expected = float((outs["bridge"] - target)[mask].pow(2).sum() / target[mask].pow(2).sum())
-        objective = ReconstructObjective(teacher, kept, width)
+        err = (outs["bridge"] - target)[mask].pow(2).sum(-1)
+        norm = target[mask].pow(2).sum(-1)
+        expected = float((err / norm).mean() if loss == "token" else err.sum() / norm.sum())
+        objective = ReconstructObjective(teacher, kept, width, loss)
         got = float(objective.sums(student, batch) / objective.counts(batch))
     assert got == pytest.approx(expected, rel=1e-5) and expected > 1e-3
 

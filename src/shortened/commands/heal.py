@@ -80,6 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rc = p.add_argument_group("block reconstruction (method reconstruct)")
     rc.add_argument("--bridge-width", type=int, default=d.bridge_width,
                     help="kept blocks trained per removed run: the one before it, and the next width-1 after it")
+    rc.add_argument("--reconstruct-loss", choices=("token", "total"), default=d.reconstruct_loss,
+                    help="token: mean of per-token relative errors; total: summed error over summed target norm")
 
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints)")
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
         save_every=args.save_every, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         student=args.student, temperature=args.temperature, lm_weight=args.lm_weight, bridge_width=args.bridge_width,
+        reconstruct_loss=args.reconstruct_loss,
         train_on_inputs=args.train_on_inputs, max_examples=args.max_examples, max_time=args.max_time,
         mixed_precision=args.mixed_precision, dtype=args.dtype,
     )

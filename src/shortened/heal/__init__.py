@@ -68,6 +68,7 @@ class HealSettings:
     temperature: float = 1.0  # distill
     lm_weight: float = 0.0  # distill: weight of the LM loss beside the KL
     bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
+    reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
     train_on_inputs: bool = False  # Alpaca: also train on the prompt tokens
     max_examples: int | None = None
     max_time: float | None = None
@@ -185,7 +186,7 @@ def heal(
         from .reconstruct import ReconstructObjective
 
         teacher.to(device)
-        objective: Any = ReconstructObjective(teacher, kept, settings.bridge_width)
+        objective: Any = ReconstructObjective(teacher, kept, settings.bridge_width, settings.reconstruct_loss)
     elif method == "distill":
         teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, settings, device)
         from .distill import DistillObjective, check_same_vocab

@@ -5,14 +5,14 @@ removed blocks. Here the kept blocks around the gap (the *bridge*: the block bef
 default width 2, the block after it) are trained, all their weights, so that on the unpruned model's own
 input they output the unpruned model's hidden state after them:
 
-    loss = mean over bridges of  sum_tokens ||bridge(h_start) - h_end||^2 / sum_tokens ||h_end||^2
+    loss = mean over bridges and tokens of ||bridge(h_start) - h_end||^2 / ||h_end||^2
 
 where ``h_start`` and ``h_end`` come from one forward of the teacher (the unpruned model), stopped at the
 last block needed. Only the bridges run forward and backward, a few blocks instead of the whole model
 and its 49k-word head, so many more tokens fit in a time budget than with distillation; every other
 weight is left as it was. Width 2 beat width 1 at equal time on SmolLM2-135M (WikiText-2 116 vs 123 on
-40 chunks, 4 minutes on one core, lr 3e-3, which beat 1e-3 and 1e-2), and the ratio of sums above beat
-a mean of per-token ratios; the benchmark is in benchmarks/results/healing.md.
+40 chunks, 4 minutes on one core, lr 3e-3, which beat 1e-3 and 1e-2); the benchmark is in
+benchmarks/results/healing.md.
 
 The first position of every sequence is left out of the loss: decoder LMs park a huge activation there
 (the attention sink), which would otherwise dominate the squared error.
@@ -138,6 +138,11 @@ def capture_teacher(teacher: nn.Module, input_ids: torch.Tensor, attention_mask:
     return hidden, calls
 
 
+#: ``token``: mean over tokens of ||error||^2 / ||target||^2; ``total``: the summed squared error over the
+#: summed squared target norm (per micro-batch), which weighs large-norm tokens more.
+LOSSES = ("token", "total")
+
+
 class ReconstructObjective:
     """Relative squared error of every bridge's output against the teacher's hidden state after its gap.
 
@@ -147,7 +152,10 @@ class ReconstructObjective:
     names = ("recon",)
     weights = (1.0,)
 
-    def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int = 2):
+    def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int = 2, loss: str = "token"):
+        if loss not in LOSSES:
+            raise ShortenedError(f"--reconstruct-loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+        self.loss = loss
         self.teacher = teacher.eval().requires_grad_(False)
         self.num_teacher_blocks = len(get_blocks(teacher, get_arch(teacher)))
         self.kept = list(kept)
@@ -175,9 +183,10 @@ class ReconstructObjective:
             for i in b.blocks:
                 out = call_block(blocks[i], calls[self.kept[i]], out, out.shape[0])
             target = hidden[b.end].float()
-            err = ((out.float() - target).pow(2).sum(-1) * mask).sum()
-            # Relative to the target's mean squared norm over this micro-batch: sums / counts is then
-            # sum ||error||^2 / sum ||target||^2 (a per-token ratio instead measured worse: see above).
-            scale = (target.pow(2).sum(-1) * mask).sum() / mask.sum().clamp_min(1)
-            total = total + err / scale.clamp_min(1e-12)
+            sq_err, sq_norm = (out.float() - target).pow(2).sum(-1), target.pow(2).sum(-1)
+            if self.loss == "token":
+                total = total + (sq_err / sq_norm.clamp_min(1e-12) * mask).sum()
+            else:  # "total": sums / counts = sum ||error||^2 / sum ||target||^2 over the micro-batch
+                scale = (sq_norm * mask).sum() / mask.sum().clamp_min(1)
+                total = total + (sq_err * mask).sum() / scale.clamp_min(1e-12)
         return total.reshape(1)
