@@ -521,6 +521,11 @@ def test_reconstruct_heals_only_the_bridges(trained_tiny):
     # Without a record of the removed blocks, or with nothing removed, it refuses.
     with pytest.raises(ShortenedError, match="kept_blocks"):
         heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, steps=1, **FAST)
+    with pytest.raises(ShortenedError, match="--bridge-width must be at least 1"):
+        heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, kept=kept, bridge_width=0, steps=1, **FAST)
+    with pytest.raises(ShortenedError, match="--reconstruct-loss must be one of token, total"):
+        heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, kept=kept, reconstruct_loss="l1", steps=1,
+             **FAST)
     with pytest.raises(ShortenedError, match="nothing to reconstruct"):
         heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, kept=list(range(6)), steps=1, **FAST)
 

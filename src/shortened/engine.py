@@ -266,40 +266,36 @@ class Engine:
         return [y for ys in self.map(run, groups) for y in ys]
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """``[fn(x) for x in items]``, on ``workers`` threads with the cores shared out between them.
+        """``[fn(x) for x in items]``; inside :meth:`parallel`, on its worker threads.
 
         The streams are independent, so the results are those of the sequential loop (up to the rounding
         of a matrix product split over fewer threads).
         """
-        if self.workers <= 1 or len(items) <= 1:
+        if self._executor is None or len(items) <= 1:
             return [fn(x) for x in items]
 
         def call(x: Any) -> Any:
             with torch.inference_mode():  # thread-local: enter it in the worker
                 return fn(x)
 
-        return list(self._pool().map(call, items))
-
-    def _pool(self) -> "ThreadPoolExecutor":
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="shortened-stream")
-        return self._executor
+        return list(self._executor.map(call, items))
 
     @contextlib.contextmanager
     def parallel(self) -> Iterator[None]:
-        """Share the intra-op threads out between the workers for the duration, then restore them."""
-        if self.workers <= 1:
+        """Run :meth:`map` on ``workers`` threads for the duration, the intra-op threads shared out between
+        them (outside it, ``map`` is a plain loop with every thread on each call)."""
+        if self.workers <= 1 or self._executor is not None:
             yield
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // self.workers))
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="shortened-stream")
         try:
             yield
         finally:
+            self._executor.shutdown()
+            self._executor = None
             torch.set_num_threads(threads)
-            if self._executor is not None:
-                self._executor.shutdown()
-                self._executor = None
 
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm

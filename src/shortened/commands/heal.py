@@ -2,7 +2,7 @@
 
 lora is the paper's recipe (LoRA r=8 on Alpaca with the prompt masked, merged at the end); full is
 continued pre-training of every weight; distill trains the student (LoRA or every weight) to match
-the unpruned model's next-token distributions; reconstruct trains only the kept block before each
+the unpruned model's next-token distributions; reconstruct trains only the kept blocks around each
 removed run to output the unpruned model's hidden state after the run (fastest per token, one
 process). Runs unchanged under `accelerate launch` (reconstruct excepted).
 """

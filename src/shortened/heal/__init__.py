@@ -7,7 +7,7 @@ Three methods share one training loop (:mod:`.loop`):
 * ``full``: continued pre-training of every weight;
 * ``distill``: the unpruned model as teacher (KL on next-token distributions, optionally plus the LM
   loss), training LoRA adapters or every weight of the student;
-* ``reconstruct``: block-local: the kept block before each removed run learns to output the unpruned
+* ``reconstruct``: block-local: the kept blocks around each removed run learn to output the unpruned
   model's hidden state after the run (:mod:`.reconstruct`); cheapest per token, one process.
 
 ``heal(...)`` is the Python API; ``shortened heal`` is its command line.
@@ -93,6 +93,13 @@ class HealSettings:
                 raise ShortenedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ShortenedError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if method == "reconstruct":
+            from .reconstruct import LOSSES
+
+            if self.bridge_width < 1:
+                raise ShortenedError(f"--bridge-width must be at least 1, got {self.bridge_width}")
+            if self.reconstruct_loss not in LOSSES:
+                raise ShortenedError(f"--reconstruct-loss must be one of {', '.join(LOSSES)}, got '{self.reconstruct_loss}'")
         if self.steps is not None and self.steps < 1:
             raise ShortenedError(f"--steps must be at least 1, got {self.steps}")
         if self.steps is None and not self.epochs > 0:

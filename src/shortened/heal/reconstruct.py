@@ -1,4 +1,4 @@
-"""Block-local reconstruction: the kept block next to each removed run learns to do the run's work.
+"""Block-local reconstruction: the kept blocks next to each removed run learn to do the run's work.
 
 After depth pruning, the residual stream entering the block after a gap misses the contribution of the
 removed blocks. Here the kept blocks around the gap (the *bridge*: the block before it and, with the
