@@ -1,8 +1,8 @@
 """Efficiency benchmark: SmolLM2-135M with 20% of its blocks removed against the dense model.
 
 Prunes 6 of 30 blocks (4,5,13,14,17,18: the PPL criterion's choice on book text; which blocks does not
-change the cost), then runs `shortened bench` (each model in its own process, warm-up discarded,
-interleaved repeats) and writes the figures and the exact command to benchmarks/results/efficiency.md.
+change the cost), then runs `shortened bench` (each model in its own process, warm-up discarded, the two
+models' runs interleaved) and writes the figures and the exact command to benchmarks/results/efficiency.md.
 
     .venv/bin/python benchmarks/bench_efficiency.py [--batch-sizes 1,8] [--output-lens 128] [--repeats 5]
 """
@@ -54,8 +54,9 @@ def main() -> None:
 Command: `{shlex.join([sys.executable.replace(str(ROOT) + '/', ''), 'benchmarks/bench_efficiency.py', *sys.argv[1:]])}`
 (prunes blocks {BLOCKS}, then `shortened bench PRUNED --baseline smollm2-135m --batch-sizes {args.batch_sizes}
 --output-lens {args.output_lens} --prompt-len {args.prompt_len} --repeats {args.repeats}{' --threads ' + str(args.threads) if args.threads else ''}`).
-Device: {device} ({processor}, {result['models']['model']['dtype']}, {result['models']['model'].get('cpu_threads')} torch thread(s)); each model measured in its own process; greedy
-generation with forced output length; 1 warm-up; medians of {args.repeats} interleaved runs.
+Device: {device} ({processor}, {result['models']['model']['dtype']}, {result['models']['model'].get('cpu_threads')} torch thread(s)); each model measured in its own process, the two
+processes' runs interleaved (A B B A ...); greedy generation with forced output length; 1 warm-up; medians of
+{args.repeats} runs.
 
 {table}
 

@@ -86,6 +86,9 @@ def main() -> int:
                    help="override a setting, e.g. distill-lora.lr=1e-3 (repeatable)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/healing.json"))
     p.add_argument("--skip-baselines", action="store_true", help="do not evaluate the dense and pruned models")
+    p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model")
+    p.add_argument("--blocks", default=",".join(map(str, REMOVED)),
+                   help="blocks to remove before healing (default: the issue's PPL-criterion choice)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     runs = {k: (m, d, dict(s)) for k, (m, d, s) in RUNS.items()}
@@ -95,18 +98,19 @@ def main() -> int:
         runs[run][2][field] = type(runs[run][2].get(field, 1.0))(value) if field in runs[run][2] else float(value)
 
     work = Path(tempfile.mkdtemp(prefix="bench_heal-"))
-    results = {"created": now_iso(), "command": " ".join(sys.argv), "budget_s": args.budget, "removed": REMOVED,
+    removed = [int(b) for b in args.blocks.split(",")]
+    results = {"created": now_iso(), "command": " ".join(sys.argv), "budget_s": args.budget, "removed": removed,
                "threads": args.threads, "versions": library_versions(), "models": {}}
     if args.results.exists():
         results["models"] = json.loads(args.results.read_text()).get("models", {})
 
     dense, tok = load_model("smollm2-135m")
-    if not args.skip_baselines:
+    if not (args.skip_baselines or args.skip_dense):
         t = time.perf_counter()
         results["models"]["dense"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit)
         print("dense", results["models"]["dense"], f"({time.perf_counter() - t:.0f} s eval)", flush=True)
     n = len(dense.model.layers)
-    kept = remove_blocks(dense, REMOVED)
+    kept = remove_blocks(dense, removed)
     pruned_dir = work / "pruned"
     save_model(dense, tok, pruned_dir, pruning_record("smollm2-135m", n, kept, model_type="llama"))
     if not args.skip_baselines:

@@ -84,6 +84,8 @@ def test_bench_cli_writes_every_field(dense_and_pruned, tmp_path, capsys):
         assert row["latency_ratio"] == pytest.approx(p["latency_s"]["median"] / b["latency_s"]["median"])
         assert row["memory_ratio"] == pytest.approx(p["peak_memory_mb"] / b["peak_memory_mb"])
         assert row["fraction_of_flop_bound"] == pytest.approx(row["throughput_ratio"] * result["flop_ratio"])
+        assert row["throughput_ratio_per_repeat"] == pytest.approx(
+            [bl / pl for bl, pl in zip(b["latency_s"]["runs"], p["latency_s"]["runs"])])
     assert "speed-up bound" in capsys.readouterr().out
 
 
@@ -97,3 +99,54 @@ def test_bench_bad_input(dense_and_pruned, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "at least 1" in err and "does not exist" in err and "already exists" in err
     assert (tmp_path / "b.json").read_text() == "{}"
+
+
+class _FakeRunner:
+    """Records the calls the schedule makes; each timed run takes a fixed, known time."""
+
+    def __init__(self, name: str, log: list, seconds: float):
+        self.name, self.log, self.seconds = name, log, seconds
+
+    def start_point(self, bs, out_len, warmup):
+        self.log.append((self.name, "start", bs, out_len))
+
+    def time(self, new_tokens):
+        self.log.append((self.name, "time", new_tokens))
+        return self.seconds * new_tokens
+
+    def end_point(self):
+        self.log.append((self.name, "end"))
+        return 100.0, "process_peak_rss"
+
+
+def test_measure_interleaves_the_models_abba():
+    from shortened.bench import _measure
+
+    log: list = []
+    runners = {"model": _FakeRunner("A", log, 1.0), "baseline": _FakeRunner("B", log, 2.0)}
+    points = _measure(runners, batch_sizes=[2], output_lens=[5], prompt_len=4, warmup=1, repeats=4)
+    timed = [name for name, what, *_ in log if what == "time"]
+    assert timed == ["A", "A", "B", "B", "B", "B", "A", "A", "A", "A", "B", "B", "B", "B", "A", "A"]
+    assert log[:2] == [("A", "start", 2, 5), ("B", "start", 2, 5)] and log[-2:] == [("A", "end"), ("B", "end")]
+    a, b = points["model"][0], points["baseline"][0]
+    assert a.latency_s.runs == [5.0] * 4 and b.prefill_s.runs == [2.0] * 4
+    assert b.throughput_tok_s / a.throughput_tok_s == pytest.approx(0.5)
+
+
+def test_run_benchmark_sequential_in_process(dense_and_pruned):
+    from shortened.bench import run_benchmark
+
+    dense, pruned = dense_and_pruned
+    result = run_benchmark(str(pruned), str(dense), isolate=False, interleave=False, batch_sizes=[1],
+                           output_lens=[3], prompt_len=4, repeats=1)
+    assert result["settings"]["interleave"] is False
+    assert result["models"]["model"]["num_blocks"] == N_LAYERS - 3
+    assert len(result["ratios"]) == 1 and result["ratios"][0]["throughput_ratio"] > 0
+
+
+def test_run_benchmark_child_errors_reach_the_caller(tmp_path):
+    from shortened.bench import run_benchmark
+    from shortened.errors import ShortenedError
+
+    with pytest.raises(ShortenedError, match="does not exist"):
+        run_benchmark(str(tmp_path / "missing"), batch_sizes=[1], output_lens=[2], repeats=1)

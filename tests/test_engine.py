@@ -138,3 +138,40 @@ def test_ppl_single_sample_batched_streams(arch):
     ids = tiny_inputs(batch=1, length=20, seed=4)
     got = score_blocks(model, ids, "ppl", batch_tokens=10**6, progress=False)
     assert_rel(got.scores, [reference_ppl(model, ids, [i]) for i in range(N_LAYERS)])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vocabulary_slices_equal_the_whole_vocabulary(arch):
+    """The sliced loss (running log-sum-exp over vocabulary slices, target logit by dot product) equals
+    cross-entropy on the full logits of the model's own forward, soft-cap included (Gemma 2/3)."""
+    from shortened.engine import Engine
+
+    model = tiny_model(arch)
+    ids = tiny_inputs(batch=2, length=12)
+    engine = Engine(model, ids, progress=False)
+    seen = []  # the head's input: the last block's output, before the final norm
+    hook = engine._head[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+        hook.remove()
+        expected = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1), reduction="sum")
+        for chunk in (7, 0):  # 7 does not divide the vocabulary: the last slice is shorter
+            engine.vocab_chunk = chunk
+            assert engine.nll_sum(seen[0], ids).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_vocabulary_slices_with_a_head_bias():
+    from shortened.engine import Engine
+
+    model = tiny_model("llama")
+    old = model.lm_head
+    model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(old.weight)
+        model.lm_head.bias.normal_()
+    ids = tiny_inputs(batch=2, length=12)
+    whole = score_blocks(model, ids, "ppl", vocab_chunk=0, progress=False).scores
+    sliced = score_blocks(model, ids, "ppl", vocab_chunk=5, progress=False).scores
+    assert_rel(sliced, whole, 1e-5)
+    assert Engine(model, ids, progress=False).vocab_chunk > 0  # sliced by default on a CPU

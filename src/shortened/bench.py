@@ -1,6 +1,7 @@
 """Generation speed and memory, measured honestly: warm-up runs discarded, the device synchronised around
-every timed region, repeats summarised by median and spread, and each model measured in its own process
-so that peak memory is that model's alone.
+every timed region, repeats summarised by median and spread, each model measured in its own process so
+that peak memory is that model's alone, and the models' runs interleaved so that a shared machine's drifts
+do not bias their ratio.
 
 Prefill is timed as ``generate(max_new_tokens=1)`` (prompt forward + first token); decode is the rest of a
 full ``generate`` with ``min_new_tokens == max_new_tokens`` (output length forced).
@@ -120,6 +121,88 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+class _Generator:
+    """Times ``generate`` of one model in this process; one timing point at a time, so peak memory can be
+    read over exactly the timed runs of a point."""
+
+    def __init__(self, model: nn.Module, *, max_batch: int, prompt_len: int = 32, seed: int = 0):
+        self.model = model
+        self.device = next(model.parameters()).device
+        g = torch.Generator().manual_seed(seed)
+        # A fixed random prompt avoids tokenizer differences and early EOS (output length is forced anyway).
+        self.prompt = torch.randint(10, model.config.vocab_size, (max_batch, prompt_len), generator=g).to(self.device)
+        self._batch = 1
+        self._rss: _PeakRSS | None = None
+
+    def _generate(self, new_tokens: int) -> None:
+        ids = self.prompt[: self._batch]
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                pad_token_id=self.model.config.eos_token_id)
+
+    def start_point(self, batch_size: int, output_len: int, warmup: int) -> None:
+        """Warm up at this batch size, then start the peak-memory window."""
+        self._batch = batch_size
+        for _ in range(warmup):
+            self._generate(1)
+            self._generate(output_len)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._rss = _PeakRSS().__enter__()
+
+    def time(self, new_tokens: int) -> float:
+        """Seconds for one ``generate`` of ``new_tokens`` tokens at the current batch size."""
+        return _timed(lambda: self._generate(new_tokens), self.device)
+
+    def end_point(self) -> tuple[float, str]:
+        """Peak memory (MB) since ``start_point`` and what kind of peak it is."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
+        assert self._rss is not None
+        self._rss.__exit__(None, None, None)
+        return self._rss.peak / 2**20, "process_peak_rss"
+
+
+def _measure(
+    runners: dict[str, Any],
+    *,
+    batch_sizes: Sequence[int],
+    output_lens: Sequence[int],
+    prompt_len: int,
+    warmup: int,
+    repeats: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[BenchPoint]]:
+    """Measure every point on every runner, the models' runs interleaved repeat by repeat (ABBA order), so
+    that slow drifts of a shared machine's speed hit all models alike instead of biasing their ratio."""
+    roles = list(runners)
+    points: dict[str, list[BenchPoint]] = {role: [] for role in roles}
+    for bs in batch_sizes:
+        for out_len in output_lens:
+            if progress:
+                progress(f"batch {bs}, {out_len} tokens")
+            for role in roles:
+                runners[role].start_point(bs, out_len, warmup)
+            prefill: dict[str, list[float]] = {role: [] for role in roles}
+            total: dict[str, list[float]] = {role: [] for role in roles}
+            for rep in range(repeats):
+                for role in roles if rep % 2 == 0 else roles[::-1]:
+                    prefill[role].append(runners[role].time(1))
+                    total[role].append(runners[role].time(out_len))
+            for role in roles:
+                peak, kind = runners[role].end_point()
+                lat, pre = summarize(total[role]), summarize(prefill[role])
+                decode = max(lat.median - pre.median, 1e-9)
+                points[role].append(BenchPoint(
+                    batch_size=bs, prompt_len=prompt_len, output_len=out_len, latency_s=lat, prefill_s=pre,
+                    decode_s=decode, throughput_tok_s=bs * out_len / lat.median,
+                    decode_tok_s=bs * (out_len - 1) / decode, peak_memory_mb=peak, memory_kind=kind,
+                ))
+    return points
+
+
 def bench_model(
     model: nn.Module,
     *,
@@ -132,46 +215,9 @@ def bench_model(
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchPoint]:
     """Measure greedy generation of ``model`` for every batch size and output length."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    # A fixed random prompt avoids tokenizer differences and early EOS (output length is forced anyway).
-    prompt = torch.randint(10, vocab, (max(batch_sizes), prompt_len), generator=g).to(device)
-    points = []
-    for bs in batch_sizes:
-        ids = prompt[:bs]
-        mask = torch.ones_like(ids)
-        for out_len in output_lens:
-            if progress:
-                progress(f"batch {bs}, {out_len} tokens")
-
-            def gen(n: int) -> None:
-                with torch.inference_mode():
-                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, use_cache=True, pad_token_id=model.config.eos_token_id)
-
-            for _ in range(warmup):
-                gen(1)
-                gen(out_len)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            prefill, total = [], []
-            with _PeakRSS() as rss:
-                for _ in range(repeats):  # interleaved, so slow drifts of the machine hit both alike
-                    prefill.append(_timed(lambda: gen(1), device))
-                    total.append(_timed(lambda: gen(out_len), device))
-            if device.type == "cuda":
-                peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-            else:
-                peak, kind = rss.peak / 2**20, "process_peak_rss"
-            lat, pre = summarize(total), summarize(prefill)
-            decode = max(lat.median - pre.median, 1e-9)
-            points.append(BenchPoint(
-                batch_size=bs, prompt_len=prompt_len, output_len=out_len, latency_s=lat, prefill_s=pre,
-                decode_s=decode, throughput_tok_s=bs * out_len / lat.median,
-                decode_tok_s=bs * (out_len - 1) / decode, peak_memory_mb=peak, memory_kind=kind,
-            ))
-    return points
+    runner = _Generator(model, max_batch=max(batch_sizes), prompt_len=prompt_len, seed=seed)
+    return _measure({"model": runner}, batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=prompt_len,
+                    warmup=warmup, repeats=repeats, progress=progress)["model"]
 
 
 def flops_per_token(model: nn.Module, context_len: int) -> float:
@@ -206,6 +252,8 @@ def compare(pruned: list[BenchPoint], baseline: list[BenchPoint]) -> list[dict[s
             "decode_speedup": b.decode_s / p.decode_s,
             "prefill_speedup": b.prefill_s.median / p.prefill_s.median,
             "memory_ratio": p.peak_memory_mb / b.peak_memory_mb,
+            # Repeat k of each model ran back to back (interleaved), so these ratios show the run-to-run noise.
+            "throughput_ratio_per_repeat": [bl / pl for bl, pl in zip(b.latency_s.runs, p.latency_s.runs)],
         })
     return rows
 
@@ -214,27 +262,98 @@ def points_to_dicts(points: list[BenchPoint]) -> list[dict[str, Any]]:
     return [asdict(p) for p in points]
 
 
-def _bench_child(spec: str, load_kwargs: dict[str, Any], bench_kwargs: dict[str, Any],
-                 threads: int | None = None) -> dict[str, Any]:
-    """Load one model and measure it (runs in a fresh process, so memory figures are its own)."""
-    from .loading import load_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    model, _ = load_model(spec, **load_kwargs)
-    context = bench_kwargs.get("prompt_len", 32) + max(bench_kwargs.get("output_lens", (128,))) / 2
-    points = bench_model(model, **bench_kwargs)
+def _model_info(model: nn.Module, context_len: int) -> dict[str, Any]:
     return {
-        "model": spec,
         "num_blocks": len(get_blocks(model)),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "flops_per_token": flops_per_token(model, int(context)),
-        "flops_context_len": int(context),
+        "flops_per_token": flops_per_token(model, context_len),
+        "flops_context_len": context_len,
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "cpu_threads": torch.get_num_threads(),
-        "points": points_to_dicts(points),
     }
+
+
+class _LocalRunner(_Generator):
+    """A model loaded in this process (``isolate=False``)."""
+
+    def __init__(self, spec: str, load_kwargs: dict[str, Any], threads: int | None, gen_kwargs: dict[str, Any],
+                 context_len: int):
+        from .loading import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        model, _ = load_model(spec, **load_kwargs)
+        super().__init__(model, **gen_kwargs)
+        self.info = _model_info(model, context_len)
+
+    def close(self) -> None:
+        pass
+
+
+def _serve(conn: Any, *args: Any) -> None:
+    """Child process: load one model, then run the parent's calls on it until told to stop."""
+    try:
+        runner = _LocalRunner(*args)
+        conn.send(("ok", runner.info))
+        while (call := conn.recv()) is not None:
+            name, call_args = call
+            conn.send(("ok", getattr(runner, name)(*call_args)))
+    except BaseException as exc:  # handed to the parent, which raises it
+        try:
+            conn.send(("error", exc))
+        except Exception:  # an exception that does not pickle
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+    finally:
+        conn.close()
+
+
+class _ProcessRunner:
+    """A model loaded and timed in its own process, so that its peak memory is its own. It idles while
+    the other model runs, so interleaving the two does not make them compete for the cores."""
+
+    def __init__(self, *args: Any):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, *args), daemon=True)
+        self._proc.start()
+        child.close()
+        self.info = self._reply()
+
+    def _reply(self) -> Any:
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"benchmark process exited with code {self._proc.exitcode}") from None
+        if status == "error":
+            raise value
+        return value
+
+    def _call(self, name: str, *args: Any) -> Any:
+        self._conn.send((name, args))
+        return self._reply()
+
+    def start_point(self, batch_size: int, output_len: int, warmup: int) -> None:
+        self._call("start_point", batch_size, output_len, warmup)
+
+    def time(self, new_tokens: int) -> float:
+        return self._call("time", new_tokens)
+
+    def end_point(self) -> tuple[float, str]:
+        return tuple(self._call("end_point"))
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
 
 
 def run_benchmark(
@@ -243,28 +362,49 @@ def run_benchmark(
     *,
     load_kwargs: dict[str, Any] | None = None,
     isolate: bool = True,
+    interleave: bool = True,
     threads: int | None = None,
-    **bench_kwargs: Any,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    output_lens: Sequence[int] = (128, 512),
+    prompt_len: int = 32,
+    warmup: int = 1,
+    repeats: int = 3,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark ``model`` (and ``baseline``, each in its own process when ``isolate``) and compare them.
+    """Benchmark ``model`` (and ``baseline``) and compare them.
 
-    The result holds every raw measurement, the pruned/baseline ratios and the FLOP-ratio bound:
-    the speed-up that per-token compute alone predicts (baseline FLOPs / pruned FLOPs). ``threads`` sets
-    torch's CPU threads in each measuring process (default: torch's choice).
+    Each model is loaded in its own process when ``isolate`` (its peak memory is then its own). With
+    ``interleave`` both are loaded at once and their timed runs alternate repeat by repeat, so that a
+    shared machine's slow drifts do not bias the ratio; ``interleave=False`` measures one model after the
+    other, for when both do not fit in memory together. The result holds every raw measurement, the
+    pruned/baseline ratios and the FLOP-ratio bound: the speed-up that per-token compute alone predicts
+    (baseline FLOPs / pruned FLOPs). ``threads`` sets torch's CPU threads in each measuring process.
     """
     load_kwargs = load_kwargs or {}
     specs = {"model": model} | ({"baseline": baseline} if baseline else {})
+    gen_kwargs = dict(max_batch=max(batch_sizes), prompt_len=prompt_len, seed=seed)
+    context_len = int(prompt_len + max(output_lens) / 2)
+    schedule = dict(batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=prompt_len, warmup=warmup,
+                    repeats=repeats, progress=progress)
+    runner_cls = _ProcessRunner if isolate else _LocalRunner
+    groups = [list(specs)] if interleave else [[role] for role in specs]
     results: dict[str, Any] = {}
-    for role, spec in specs.items():
-        if isolate:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn").Pool(1) as pool:
-                results[role] = pool.apply(_bench_child, (spec, load_kwargs, bench_kwargs, threads))
-        else:
-            results[role] = _bench_child(spec, load_kwargs, bench_kwargs, threads)
-    out: dict[str, Any] = {"settings": dict(bench_kwargs, isolate=isolate, threads=threads, **load_kwargs),
-                           "models": results}
+    for group in groups:
+        runners: dict[str, Any] = {}
+        try:
+            for role in group:
+                runners[role] = runner_cls(specs[role], load_kwargs, threads, gen_kwargs, context_len)
+            points = _measure(runners, **schedule)
+        finally:
+            for r in runners.values():
+                r.close()
+        for role in group:
+            results[role] = {"model": specs[role], **runners[role].info, "points": points_to_dicts(points[role])}
+    settings = dict(batch_sizes=list(batch_sizes), output_lens=list(output_lens), prompt_len=prompt_len,
+                    warmup=warmup, repeats=repeats, seed=seed, isolate=isolate, interleave=interleave,
+                    threads=threads, **load_kwargs)
+    out: dict[str, Any] = {"settings": settings, "models": {role: results[role] for role in specs}}
     if baseline:
         pruned_pts = [BenchPoint(**_points_from_dict(d)) for d in results["model"]["points"]]
         base_pts = [BenchPoint(**_points_from_dict(d)) for d in results["baseline"]["points"]]
@@ -298,11 +438,14 @@ def format_bench(result: dict[str, Any]) -> str:
     if "ratios" in result:
         lines += ["", f"FLOP ratio pruned/baseline {result['flop_ratio']:.4f} -> speed-up bound "
                       f"{result['flop_speedup_bound']:.3f}x", "",
-                  "| batch | out len | throughput ratio | of FLOP bound | decode speed-up | prefill speed-up | memory ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| batch | out len | throughput ratio | per-repeat range | of FLOP bound | decode speed-up | "
+                  "prefill speed-up | memory ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in result["ratios"]:
+            per_repeat = row.get("throughput_ratio_per_repeat") or [row["throughput_ratio"]]
             lines.append(
                 f"| {row['batch_size']} | {row['output_len']} | {row['throughput_ratio']:.3f} | "
+                f"{min(per_repeat):.3f}-{max(per_repeat):.3f} | "
                 f"{row['fraction_of_flop_bound']:.3f} | {row['decode_speedup']:.3f} | "
                 f"{row['prefill_speedup']:.3f} | {row['memory_ratio']:.3f} |"
             )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .archs import ArchSpec, get_arch, get_blocks, get_submodule
@@ -28,6 +29,10 @@ from .errors import ShortenedError
 
 #: Tokens per head chunk when computing the loss over the vocabulary (keeps [chunk, vocab] logits small).
 DEFAULT_LOSS_CHUNK = 1024
+#: Vocabulary slice for the loss on a CPU (0: the whole vocabulary at once). [1024 tokens, 2048] float32
+#: logits (8 MB) stay in the last-level cache between the projection and the log-sum-exp; measured on
+#: SmolLM2's 49k x 576 head, one thread: 1.10 s against 1.52 s for the whole vocabulary (1270 tokens).
+DEFAULT_VOCAB_CHUNK = 2048
 #: Tokens per block call when several candidate streams are batched together on an accelerator. On a
 #: CPU the default is one stream per call: bigger batches only push activations out of the caches.
 DEFAULT_BATCH_TOKENS = 16384
@@ -149,6 +154,7 @@ class Engine:
         device: str | torch.device | None = None,
         batch_tokens: int | None = None,
         loss_chunk: int = DEFAULT_LOSS_CHUNK,
+        vocab_chunk: int | None = None,
         workers: int | None = None,
         progress: bool = True,
         spec: ArchSpec | None = None,
@@ -177,6 +183,9 @@ class Engine:
             batch_tokens = DEFAULT_BATCH_TOKENS if self.device.type != "cpu" else 1
         self.batch_tokens = max(1, batch_tokens)
         self.workers = max(1, workers if workers is not None else default_workers(self.device))
+        if vocab_chunk is None:
+            vocab_chunk = DEFAULT_VOCAB_CHUNK if self.device.type == "cpu" else 0
+        self.vocab_chunk = max(0, vocab_chunk)
         self.calib_ids = None if calib_ids is None else check_calib_ids(
             calib_ids, getattr(model.config, "vocab_size", None))
         self.batch_size = batch_size or (self.calib_ids.shape[0] if self.calib_ids is not None else 1)
@@ -307,9 +316,38 @@ class Engine:
         """Final norm, optional projection, LM head and logit soft-cap (as the model's own forward)."""
         for module in self._head:
             hidden = module(hidden)
-        if self.softcap:
-            hidden = torch.tanh(hidden / self.softcap) * self.softcap
-        return hidden
+        return self._softcap(hidden)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def token_nll(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-token NLL (float32) of final hidden states ``x`` [tokens, h] against ``targets`` [tokens].
+
+        With ``vocab_chunk``, the output projection runs on slices of the vocabulary with a running
+        log-sum-exp, so each slice's [tokens, slice] logits are still in cache when the log-sum-exp reads
+        them (on a CPU this is faster than the plain projection alone); the target's logit is one dot
+        product per token.
+        """
+        proj = self._head[-1]
+        weight = getattr(proj, "weight", None)
+        if not self.vocab_chunk or not isinstance(proj, nn.Linear) or weight is None:
+            logits = self.head(x).float()
+            return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1)
+        for module in self._head[:-1]:
+            x = module(x)
+        bias = proj.bias
+        lse: torch.Tensor | None = None
+        for v in range(0, weight.shape[0], self.vocab_chunk):
+            w = weight[v:v + self.vocab_chunk]
+            logits = self._softcap(F.linear(x, w, None if bias is None else bias[v:v + self.vocab_chunk])).float()
+            part = torch.logsumexp(logits, -1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        target = (x.float() * weight[targets].float()).sum(-1)
+        if bias is not None:
+            target = target + bias[targets].float()
+        assert lse is not None
+        return lse - self._softcap(target)
 
     def nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of next-token NLL of ``hidden`` [r*b, seq, h] against ``ids`` [b, seq], per stream ([r]).
@@ -323,10 +361,8 @@ class Engine:
         targets = ids[:, 1:].reshape(1, -1).expand(r, -1).reshape(-1)
         per_token = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         for start in range(0, x.shape[0], self.loss_chunk):
-            logits = self.head(x[start:start + self.loss_chunk]).float()
-            t = targets[start:start + self.loss_chunk]
-            per_token[start:start + self.loss_chunk] = (
-                torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1))
+            end = start + self.loss_chunk
+            per_token[start:end] = self.token_nll(x[start:end], targets[start:end])
         return per_token.view(r, -1).double().sum(1)
 
     # ----------------------------------------------------------------- computations

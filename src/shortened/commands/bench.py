@@ -14,7 +14,9 @@ EXAMPLES = """examples:
   shortened bench runs/p --baseline meta-llama/Llama-2-7b-hf --batch-sizes 1,8,32 --output-lens 128,512
 
 Each model is loaded and measured in its own process, so its peak memory is its own (CUDA peak allocated
-on a GPU, process peak RSS on CPU). Warm-up runs are discarded; latencies are medians of --repeats runs.
+on a GPU, process peak RSS on CPU). Both are loaded at once and their runs alternate (ABBA), so that a
+busy machine's slow drifts hit both alike; --sequential measures one after the other. Warm-up runs are
+discarded; latencies are medians of --repeats runs.
 """
 
 
@@ -29,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="discarded runs before timing")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch in each measuring process")
+    p.add_argument("--sequential", action="store_true",
+                   help="measure the models one after the other instead of interleaving their runs "
+                        "(for when both do not fit in memory at once)")
     p.add_argument("--out", default="bench.json", help="JSON with every measurement; the plot goes beside it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         load_kwargs=dict(dtype=args.dtype, device=args.device, device_map=args.device_map,
                          cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code),
         batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=args.prompt_len,
-        warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads, interleave=not args.sequential,
     )
     result["models"]["model"]["model"] = args.model
     if args.baseline:

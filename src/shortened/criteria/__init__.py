@@ -81,6 +81,7 @@ def score_blocks(
     device: str | torch.device | None = None,
     batch_tokens: int | None = None,
     loss_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     workers: int | None = None,
     progress: bool = True,
     **options: Any,
@@ -90,7 +91,8 @@ def score_blocks(
     ``skip`` treats those blocks as already removed (used by the iterative driver); their score is None.
     ``batch_size`` splits the samples into micro-batches for the capture pass; ``offload`` keeps the
     blocks where they are (CPU) and moves one at a time to ``device``. ``workers`` candidate streams are
-    computed concurrently (default: one per CPU thread on a CPU, one on an accelerator). Remaining ``options`` go to the
+    computed concurrently (default: one per CPU thread on a CPU, one on an accelerator). ``loss_chunk`` tokens
+and ``vocab_chunk`` words (0: all) are the slices of the loss computation. Remaining ``options`` go to the
     criterion (e.g. ``norm="l2"`` for magnitude, ``seed`` for random, ``tokens`` for angular).
     """
     crit = get_criterion(criterion)
@@ -107,6 +109,8 @@ def score_blocks(
         engine_kw["batch_tokens"] = batch_tokens
     if loss_chunk is not None:
         engine_kw["loss_chunk"] = loss_chunk
+    if vocab_chunk is not None:
+        engine_kw["vocab_chunk"] = vocab_chunk
     if workers is not None:
         engine_kw["workers"] = workers
     with _offloaded(model, spec, offload, device) as exec_device:
