@@ -316,6 +316,21 @@ def test_bad_learning_rate(lr):
         heal(tiny_model("llama"), pattern_data(), "lora", lr=lr, steps=1, **FAST)
 
 
+def test_defaults_per_method():
+    """The paper's batch shape for lora/full/distill; reconstruct's best measured one; explicit values win."""
+    from shortened.heal import HealSettings
+
+    for method in ("lora", "full", "distill"):
+        s = HealSettings().for_method(method)
+        assert (s.batch_size, s.grad_accum, s.seq_len, s.warmup_steps) == (4, 16, 256, 100)
+    s = HealSettings().for_method("reconstruct")
+    assert (s.batch_size, s.grad_accum, s.seq_len, s.warmup_steps, s.resolved_lr("reconstruct")) == (8, 1, 128, 10, 3e-3)
+    s = HealSettings(batch_size=2, seq_len=64).for_method("reconstruct")
+    assert (s.batch_size, s.grad_accum, s.seq_len) == (2, 1, 64)
+    with pytest.raises(ShortenedError, match="unknown healing method"):
+        HealSettings().for_method("prune")
+
+
 def test_bad_settings():
     data = pattern_data()
     with pytest.raises(ShortenedError, match="unknown healing method"):

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 METHODS = ("lora", "full", "distill", "reconstruct")
 #: Learning rate per method when none is given (lora: the paper's; see benchmarks/results/healing.md).
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-5, "distill": 5e-4, "reconstruct": 3e-3}
+#: Batch shape and warm-up per method when none is given: the paper's for lora, full and distill; for
+#: reconstruct the settings of its best measured run (benchmarks/results/healing.md: many short steps).
+PAPER_BATCH = {"batch_size": 4, "grad_accum": 16, "seq_len": 256, "warmup_steps": 100}
+METHOD_DEFAULTS = {"lora": PAPER_BATCH, "full": PAPER_BATCH, "distill": PAPER_BATCH,
+                   "reconstruct": {"batch_size": 8, "grad_accum": 1, "seq_len": 128, "warmup_steps": 10}}
 #: Default distillation student learning rates by trainable part.
 DEFAULT_DISTILL_LR = {"lora": 5e-4, "full": 2e-5}
 ADAPTER_DIR = "adapter"
@@ -51,12 +56,12 @@ class HealSettings:
     steps: int | None = None  # optimizer steps; default from epochs
     epochs: float = 2.0
     lr: float | None = None  # default per method (DEFAULT_LR)
-    batch_size: int = 4  # micro-batch per process
-    grad_accum: int = 16  # global batch = batch_size * grad_accum * processes (paper: 64)
-    seq_len: int = 256  # Alpaca cut-off / packed text length
+    batch_size: int | None = None  # micro-batch per process; default per method (METHOD_DEFAULTS)
+    grad_accum: int | None = None  # global batch = batch_size * grad_accum * processes (paper: 4 x 16 = 64)
+    seq_len: int | None = None  # Alpaca cut-off / packed text length (paper: 256)
     val_fraction: float = 0.05
     seed: int = 0
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # paper: 100
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     eval_every: int | None = None
@@ -74,6 +79,13 @@ class HealSettings:
     max_time: float | None = None
     mixed_precision: str | None = None  # accelerate: no, fp16, bf16 (default: accelerate's config)
     dtype: str = "auto"
+
+    def for_method(self, method: str) -> "HealSettings":
+        """A copy with the fields left unset filled with ``method``'s defaults."""
+        if method not in METHODS:
+            raise ShortenedError(f"unknown healing method '{method}': use {', '.join(METHODS)}")
+        unset = {k: v for k, v in METHOD_DEFAULTS[method].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **unset)
 
     def resolved_lr(self, method: str) -> float:
         if self.lr is not None:
@@ -155,7 +167,7 @@ def heal(
 
     from ..io import check_output_dir, library_versions, now_iso
 
-    settings = dataclasses.replace(settings or HealSettings(), **overrides)
+    settings = dataclasses.replace(settings or HealSettings(), **overrides).for_method(method)
     settings.check(method)
     if out is not None:
         check_output_dir(out, overwrite)  # fail before any slow work
