@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import mmap
+import time
 
 import pytest
 import torch
@@ -41,13 +43,13 @@ def test_peak_rss_sees_an_allocation_freed_before_exit(kernel, monkeypatch):
     tracker = _PeakRSS()
     before = tracker.peak
     with tracker as rss:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
+        # 64 MiB of fresh anonymous pages, touched: malloc could serve a tensor from memory an earlier test
+        # freed but kept resident, which would not raise the RSS at all.
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * len(block))
         if not kernel:
-            import time
-
             time.sleep(0.05)  # the sampler must get a look at it
-        del block
+        block.close()
     assert rss.peak - before > 32 * 2**20
 
 

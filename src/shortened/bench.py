@@ -252,7 +252,7 @@ def compare(pruned: list[BenchPoint], baseline: list[BenchPoint]) -> list[dict[s
             "decode_speedup": b.decode_s / p.decode_s,
             "prefill_speedup": b.prefill_s.median / p.prefill_s.median,
             "memory_ratio": p.peak_memory_mb / b.peak_memory_mb,
-            # Repeat k of each model ran back to back (interleaved), so these ratios show the run-to-run noise.
+            # Interleaved (the default), repeat k of each model ran back to back: these show the run-to-run noise.
             "throughput_ratio_per_repeat": [bl / pl for bl, pl in zip(b.latency_s.runs, p.latency_s.runs)],
         })
     return rows

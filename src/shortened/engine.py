@@ -330,24 +330,19 @@ class Engine:
         product per token.
         """
         proj = self._head[-1]
-        weight = getattr(proj, "weight", None)
-        if not self.vocab_chunk or not isinstance(proj, nn.Linear) or weight is None:
+        if not self.vocab_chunk or not isinstance(proj, nn.Linear):
             logits = self.head(x).float()
             return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1)
         for module in self._head[:-1]:
             x = module(x)
-        bias = proj.bias
-        lse: torch.Tensor | None = None
-        for v in range(0, weight.shape[0], self.vocab_chunk):
-            w = weight[v:v + self.vocab_chunk]
-            logits = self._softcap(F.linear(x, w, None if bias is None else bias[v:v + self.vocab_chunk])).float()
-            part = torch.logsumexp(logits, -1)
-            lse = part if lse is None else torch.logaddexp(lse, part)
+        weight, bias, step = proj.weight, proj.bias, self.vocab_chunk
+        parts = [torch.logsumexp(self._softcap(F.linear(x, weight[v:v + step],
+                                                        None if bias is None else bias[v:v + step])).float(), -1)
+                 for v in range(0, weight.shape[0], step)]
         target = (x.float() * weight[targets].float()).sum(-1)
         if bias is not None:
             target = target + bias[targets].float()
-        assert lse is not None
-        return lse - self._softcap(target)
+        return torch.stack(parts).logsumexp(0) - self._softcap(target)
 
     def nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of next-token NLL of ``hidden`` [r*b, seq, h] against ``ids`` [b, seq], per stream ([r]).

@@ -35,6 +35,7 @@ Output: the merged model, pruning.json with a 'healing' section, adapter/ (LoRA)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..heal import METHODS, HealSettings
+    from ..heal.reconstruct import LOSSES
 
     d = HealSettings()
     p = sub.add_parser("heal", help="retrain a pruned model (LoRA, full, distillation, block reconstruction)",
@@ -85,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rc = p.add_argument_group("block reconstruction (method reconstruct)")
     rc.add_argument("--bridge-width", type=int, default=d.bridge_width,
                     help="kept blocks trained per removed run: the one before it, and the next width-1 after it")
-    rc.add_argument("--reconstruct-loss", choices=("token", "total"), default=d.reconstruct_loss,
+    rc.add_argument("--reconstruct-loss", choices=LOSSES, default=d.reconstruct_loss,
                     help="token: mean of per-token relative errors; total: summed error over summed target norm")
 
     ck = p.add_argument_group("checkpoints")

@@ -92,7 +92,7 @@ def score_blocks(
     ``batch_size`` splits the samples into micro-batches for the capture pass; ``offload`` keeps the
     blocks where they are (CPU) and moves one at a time to ``device``. ``workers`` candidate streams are
     computed concurrently (default: one per CPU thread on a CPU, one on an accelerator). ``loss_chunk`` tokens
-and ``vocab_chunk`` words (0: all) are the slices of the loss computation. Remaining ``options`` go to the
+    and ``vocab_chunk`` words (0: all) are the slices of the loss computation. Remaining ``options`` go to the
     criterion (e.g. ``norm="l2"`` for magnitude, ``seed`` for random, ``tokens`` for angular).
     """
     crit = get_criterion(criterion)

@@ -105,13 +105,10 @@ class HealSettings:
                 raise ShortenedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ShortenedError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if method == "reconstruct":
-            from .reconstruct import LOSSES
+        if method == "reconstruct":  # checked here too, so that a bad value fails before any loading
+            from .reconstruct import check_options
 
-            if self.bridge_width < 1:
-                raise ShortenedError(f"--bridge-width must be at least 1, got {self.bridge_width}")
-            if self.reconstruct_loss not in LOSSES:
-                raise ShortenedError(f"--reconstruct-loss must be one of {', '.join(LOSSES)}, got '{self.reconstruct_loss}'")
+            check_options(self.bridge_width, self.reconstruct_loss)
         if self.steps is not None and self.steps < 1:
             raise ShortenedError(f"--steps must be at least 1, got {self.steps}")
         if self.steps is None and not self.epochs > 0:

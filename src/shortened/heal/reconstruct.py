@@ -56,8 +56,7 @@ def find_bridges(kept: Sequence[int], num_teacher_blocks: int, width: int = 1) -
     kept = list(kept)
     if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= num_teacher_blocks:
         raise ShortenedError(f"kept blocks {kept} do not describe a pruned copy of a {num_teacher_blocks}-block model")
-    if width < 1:
-        raise ShortenedError(f"--bridge-width must be at least 1, got {width}")
+    check_options(width)
 
     def start(i: int) -> int:
         return 0 if i == 0 else kept[i]
@@ -143,6 +142,14 @@ def capture_teacher(teacher: nn.Module, input_ids: torch.Tensor, attention_mask:
 LOSSES = ("token", "total")
 
 
+def check_options(width: int, loss: str = "token") -> None:
+    """Refuse a bridge width below 1 or an unknown loss (CLI names in the messages)."""
+    if width < 1:
+        raise ShortenedError(f"--bridge-width must be at least 1, got {width}")
+    if loss not in LOSSES:
+        raise ShortenedError(f"--reconstruct-loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+
+
 class ReconstructObjective:
     """Relative squared error of every bridge's output against the teacher's hidden state after its gap.
 
@@ -153,8 +160,7 @@ class ReconstructObjective:
     weights = (1.0,)
 
     def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int = 2, loss: str = "token"):
-        if loss not in LOSSES:
-            raise ShortenedError(f"--reconstruct-loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+        check_options(width, loss)
         self.loss = loss
         self.teacher = teacher.eval().requires_grad_(False)
         self.num_teacher_blocks = len(get_blocks(teacher, get_arch(teacher)))
