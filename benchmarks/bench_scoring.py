@@ -128,8 +128,9 @@ def floor_seconds(model, ids, reps: int = 3) -> tuple[float, dict]:
     """Time every single-block pass and the head pass on the captured calibration batch."""
     from shortened.engine import Engine, call_block
 
-    eng = Engine(model, ids, progress=False)
+    eng = Engine(model, ids, workers=1, progress=False)  # one micro-batch: every sample in each pass
     cap = eng.captures[0]
+    assert cap.batch == ids.shape[0]
     n = eng.num_blocks
     block_t = []
     with torch.inference_mode():

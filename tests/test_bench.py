@@ -7,7 +7,6 @@ import mmap
 import time
 
 import pytest
-import torch
 
 from shortened import remove_blocks, save_model
 from shortened.bench import _PeakRSS, bench_model, flops_per_token

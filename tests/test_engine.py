@@ -175,3 +175,45 @@ def test_vocabulary_slices_with_a_head_bias():
     sliced = score_blocks(model, ids, "ppl", vocab_chunk=5, progress=False).scores
     assert_rel(sliced, whole, 1e-5)
     assert Engine(model, ids, progress=False).vocab_chunk > 0  # sliced by default on a CPU
+
+
+def test_one_micro_batch_per_worker_by_default():
+    """On a CPU the samples are split into one micro-batch per worker (every block visit then has a multiple
+    of `workers` equal calls); the scores do not depend on the split."""
+    from shortened.engine import Engine
+
+    model = tiny_model("llama")
+    ids = tiny_inputs(batch=5, length=12)
+    assert [c.batch for c in Engine(model, ids, workers=2, progress=False).captures] == [3, 2]
+    assert [c.batch for c in Engine(model, ids, workers=1, progress=False).captures] == [5]
+    assert Engine(model, ids, workers=2, batch_size=5, progress=False).batch_size == 5
+    split = score_blocks(model, ids, "ppl", workers=2, progress=False)
+    assert split.settings["batch_size"] == 3
+    assert_rel(split.scores, score_blocks(model, ids, "ppl", workers=1, progress=False).scores, 1e-6)
+
+
+def test_each_worker_runs_its_products_on_its_share_of_threads():
+    """A new thread's OpenMP team defaults to every core whatever the caller set; the engine's workers must
+    use their share (one thread each on two cores), or two workers oversubscribe the cores."""
+    import threading
+    import time
+
+    from shortened.engine import Engine
+
+    if (torch.get_num_threads() < 2) or not torch.backends.openmp.is_available():
+        pytest.skip("needs at least two threads with OpenMP")
+    engine = Engine(tiny_model("llama"), None, workers=2, progress=False)
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    lock = threading.Lock()
+
+    def cpu_ratio(_: int) -> float:
+        with lock:  # one at a time, so the process's CPU time is this thread's plus its helpers'
+            torch.mm(a, b)
+            t, p = time.thread_time(), time.process_time()
+            for _ in range(60):
+                torch.mm(a, b)
+            return (time.process_time() - p) / max(time.thread_time() - t, 1e-9)
+
+    with engine.parallel():
+        ratios = engine.map(cpu_ratio, [0, 1])
+    assert max(ratios) < 1.5, ratios  # ~2 when each product also runs on a helper thread
