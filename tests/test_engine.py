@@ -217,3 +217,30 @@ def test_each_worker_runs_its_products_on_its_share_of_threads():
     with engine.parallel():
         ratios = engine.map(cpu_ratio, [0, 1])
     assert max(ratios) < 1.5, ratios  # ~2 when each product also runs on a helper thread
+
+
+@pytest.mark.parametrize("case", ["large-logits", "very-negative-logits"])
+def test_sliced_loss_outside_the_float_range_of_unshifted_sums(case):
+    """Rows whose unshifted exp-sum overflows (a logit above ~88) or underflows are recomputed shifted:
+    the loss still equals cross-entropy on the full logits."""
+    from shortened.engine import Engine
+
+    model = tiny_model("llama")
+    old = model.lm_head
+    model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(old.weight * (400.0 if case == "large-logits" else 1.0))
+        model.lm_head.bias.fill_(0.0 if case == "large-logits" else -500.0)
+    ids = tiny_inputs(batch=2, length=12)
+    engine = Engine(model, ids, vocab_chunk=7, progress=False)
+    seen = []
+    hook = engine._head[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits.double()
+        hook.remove()
+        x = engine._head[0](seen[0][:, :-1].reshape(-1, seen[0].shape[-1]))
+        raw = engine._sliced_logsumexp(x, shift=False)
+        assert (~torch.isfinite(raw) | (raw < -60)).any()  # the case does reach the fallback
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+        assert engine.nll_sum(seen[0], ids).item() == pytest.approx(expected.item(), rel=1e-5)
