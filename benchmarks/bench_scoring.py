@@ -205,8 +205,13 @@ def main() -> None:
     workers = default_workers(torch.device("cpu"))
 
     paper, t_paper = paper_ppl(model, ids)
+    # The paper's run takes minutes, long enough for this machine's speed to drift: one more engine run
+    # right after it, and the speed-up taken against the mean of the two engine runs that bracket it.
+    _, e_after = engine_seconds(model, ids)
+    e_bracket = (engine_runs[-1] + e_after) / 2
     max_rel = max(abs(a - b) / b for a, b in zip(scores, paper))
-    print(f"paper algorithm {t_paper:.1f} s; speed-up {t_paper / e_best:.2f}x; max rel diff {max_rel:.2e}", flush=True)
+    print(f"paper algorithm {t_paper:.1f} s; engine after it {e_after:.1f} s; speed-up {t_paper / e_bracket:.2f}x "
+          f"(against the best engine run before it: {t_paper / e_best:.2f}x); max rel diff {max_rel:.2e}", flush=True)
     del model
 
     mem = {name: run_child(args, name) for name in ("backward", "taylor", "normal", "offload")}
@@ -239,7 +244,10 @@ def main() -> None:
         f"| `ppl` engine, one stream at a time on all threads (`workers=1`) | {e1_best:.1f} s "
         f"(runs: {', '.join(f'{x:.1f}' for x in serial_runs)}) | |",
         f"| paper's algorithm (rebuild each (L-1)-block model, samples one by one) | {t_paper:.1f} s | |",
-        f"| speed-up over the paper's algorithm | **{t_paper / e_best:.2f}x** | >= 3.5x |",
+        f"| `ppl` engine again, right after the paper's algorithm | {e_after:.1f} s | |",
+        f"| speed-up over the paper's algorithm (against the mean of the engine runs just before and just "
+        f"after it, {e_bracket:.1f} s) | **{t_paper / e_bracket:.2f}x** (against the best run before it: "
+        f"{t_paper / e_best:.2f}x) | >= 3.5x |",
         f"| largest relative difference of the scores | {max_rel:.1e} | same scores |",
         f"| compute floor: {L * (L - 1) // 2} block passes + {L} head passes | {f_best:.1f} s "
         f"(blocks {parts['blocks_total_s']:.1f} s, heads {parts['heads_total_s']:.1f} s) | |",
