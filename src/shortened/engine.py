@@ -275,10 +275,7 @@ class Engine:
         """Apply one block to the streams of several micro-batches (``work``: pairs of a capture and its
         streams), all calls in one :meth:`map` so the workers share them out with no barrier in between;
         streams of one micro-batch are batched together up to ``batch_tokens``."""
-        jobs: list[tuple[int, list[torch.Tensor]]] = []
-        for k, (cap, streams) in enumerate(work):
-            per_call = max(1, self.batch_tokens // cap.ids.numel())
-            jobs += [(k, streams[s:s + per_call]) for s in range(0, len(streams), per_call)]
+        jobs = [(k, group) for k, (cap, streams) in enumerate(work) for group in self._per_call(cap, streams)]
 
         def run(job: tuple[int, list[torch.Tensor]]) -> list[torch.Tensor]:
             cap, group = work[job[0]][0], job[1]
@@ -290,6 +287,11 @@ class Engine:
         for (k, _), ys in zip(jobs, self.map(run, jobs)):
             outs[k] += ys
         return outs
+
+    def _per_call(self, cap: Capture, items: list[Any]) -> list[list[Any]]:
+        """``items`` (streams of micro-batch ``cap``) in groups of at most ``batch_tokens`` tokens per call."""
+        size = max(1, self.batch_tokens // cap.ids.numel())
+        return [items[s:s + size] for s in range(0, len(items), size)]
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[fn(x) for x in items]``; inside :meth:`parallel`, on its worker threads.
@@ -451,11 +453,8 @@ class Engine:
                 bar.update()
         totals = {i: 0.0 for i in cands}
         count = sum(cap.ids.shape[0] * (cap.ids.shape[1] - 1) for cap in caps)
-        jobs: list[tuple[int, list[int]]] = []  # (micro-batch, candidates whose losses one call computes)
-        for m, cap in enumerate(caps):
-            keys = sorted(streams[m])
-            per_call = max(1, self.batch_tokens // cap.ids.numel())
-            jobs += [(m, keys[s:s + per_call]) for s in range(0, len(keys), per_call)]
+        # (micro-batch, candidates whose losses one call computes)
+        jobs = [(m, group) for m, cap in enumerate(caps) for group in self._per_call(cap, sorted(streams[m]))]
 
         def nll(job: tuple[int, list[int]]) -> list[float]:
             m, group = job
