@@ -74,7 +74,7 @@ def test_offloaded_mode_gives_identical_scores():
     normal = score_blocks(model, ids, "ppl", progress=False)
     off = score_blocks(model, ids, "ppl", offload=True, device="cpu", progress=False)
     assert off.scores == normal.scores
-    assert off.settings["offload"] is True
+    assert off.settings["offload"] == "cpu" and normal.settings["offload"] is False
     t1 = score_blocks(model, ids, "taylor", progress=False)
     t2 = score_blocks(model, ids, "taylor", offload=True, device="cpu", progress=False)
     assert t1.scores == t2.scores

@@ -25,6 +25,7 @@ from torch import nn
 
 from .archs import ArchSpec, get_arch, get_blocks, get_submodule
 from .errors import ShortenedError
+from .offload import BlockHome, MemoryHome, disk_blocks
 
 #: Tokens per head chunk when computing the loss over the vocabulary (keeps [chunk, vocab] logits small).
 DEFAULT_LOSS_CHUNK = 1024
@@ -142,7 +143,8 @@ class Engine:
     """Cached block inputs and arguments of a calibration set, and the computations built on them.
 
     ``skip`` lists blocks that are treated as already removed (they are bypassed, which computes exactly
-    what the pruned model computes); ``offload`` keeps blocks off ``device`` and moves one at a time.
+    what the pruned model computes); ``offload`` keeps blocks off ``device`` and brings one at a time
+    (always so for a model whose blocks are on disk, see :func:`shortened.offload.load_blocks_on_disk`).
     """
 
     def __init__(
@@ -172,15 +174,16 @@ class Engine:
         self.active = [i for i in range(self.num_blocks) if i not in set(self.skip)]
         if not self.active:
             raise ShortenedError("every block is skipped: nothing to score")
-        self.offload = offload
+        disk = disk_blocks(model)
+        self.offload = offload or disk is not None
         self.loss_chunk = max(1, loss_chunk)
         self.progress = progress
-        if offload:
+        self._home: BlockHome | None = None
+        if self.offload:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            self.home = next(self.blocks[0].parameters()).device
+            self._home = disk or MemoryHome(next(self.blocks[0].parameters()).device)
         else:
             self.device = _module_device(model) if device is None else torch.device(device)
-            self.home = self.device
         if batch_tokens is None:
             batch_tokens = DEFAULT_BATCH_TOKENS if self.device.type != "cpu" else 1
         self.batch_tokens = max(1, batch_tokens)
@@ -224,20 +227,20 @@ class Engine:
                 inputs[i], calls[i] = hidden.detach(), call
                 if i == n_blocks - 1:
                     raise _StopForward
-                if self.offload:
-                    module.to(self.device)
+                if self._home is not None:
+                    self._home.fetch(module, i, self.device)
 
             return hook
 
         def make_post(i: int):
             def post(module: nn.Module, args: tuple, output: Any) -> None:
-                module.to(self.home)
+                self._home.release(module, i)  # type: ignore[union-attr]
 
             return post
 
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
-            if self.offload:
+            if self._home is not None:
                 handles.append(block.register_forward_hook(make_post(i)))
         try:
             with torch.no_grad():
@@ -258,13 +261,13 @@ class Engine:
     def on_device(self, index: int) -> Iterator[nn.Module]:
         """Block ``index``, on the execution device for the duration (offloaded mode moves it back)."""
         block = self.blocks[index]
-        if self.offload:
-            block.to(self.device)
+        if self._home is not None:
+            self._home.fetch(block, index, self.device)
         try:
             yield block
         finally:
-            if self.offload:
-                block.to(self.home)
+            if self._home is not None:
+                self._home.release(block, index)
 
     def run_streams(self, block: nn.Module, index: int, cap: Capture, streams: list[torch.Tensor]) -> list[torch.Tensor]:
         """Apply one block to several streams of the same micro-batch, batched up to ``batch_tokens``."""

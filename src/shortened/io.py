@@ -130,9 +130,21 @@ def save_model(
     overwrite: bool = False,
 ) -> Path:
     """Save a plain HF model folder (safetensors weights, config, generation config, tokenizer) and
-    ``pruning.json`` atomically: the folder appears complete or not at all."""
+    ``pruning.json`` atomically: the folder appears complete or not at all.
+
+    A model whose blocks are on disk is written block by block from its checkpoint; ``record`` must then
+    hold ``kept_blocks`` (which original block each new one is).
+    """
+    from .offload import disk_blocks, save_from_disk
+
+    on_disk = disk_blocks(model) is not None
+    if on_disk and (record is None or "kept_blocks" not in record):
+        raise ShortenedError("a model with its blocks on disk is saved with its pruning record (kept_blocks)")
     with atomic_output_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)  # transformers 5 always writes safetensors
+        if on_disk:
+            save_from_disk(model, list(record["kept_blocks"]), tmp)  # type: ignore[index]
+        else:
+            model.save_pretrained(tmp)  # transformers 5 always writes safetensors
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if record is not None:

@@ -86,14 +86,21 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    blocks_on_disk: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from a folder, Hub id, ``.gguf`` file or alias.
 
     Returns ``(model, tokenizer)``; the model is in eval mode. ``tokenizer`` is None when the source
     has none. ``device_map`` is handed to accelerate (e.g. ``"auto"`` for several GPUs); otherwise
     the model is moved to ``device`` (default: CUDA when available, else CPU).
+
+    ``blocks_on_disk`` loads everything but the transformer blocks: their weights stay in the safetensors
+    files and the scoring engine reads one block at a time (for models larger than memory; scoring only).
     """
     spec = str(model)
+    if blocks_on_disk:
+        return _load_blocks_on_disk(spec, dtype=dtype, device=device or "cpu", device_map=device_map,
+                                    cache_dir=cache_dir, trust_remote_code=trust_remote_code, revision=revision)
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
@@ -111,6 +118,30 @@ def load_model(
     loaded.eval()
     tokenizer = _load_tokenizer(source, trust_remote_code, revision if folder is None else None)
     return loaded, tokenizer
+
+
+def _load_blocks_on_disk(spec: str, *, dtype: str | torch.dtype, device: str, device_map: Any,
+                         cache_dir: str | os.PathLike | None, trust_remote_code: bool,
+                         revision: str | None) -> tuple[nn.Module, Any]:
+    from .offload import load_blocks_on_disk
+
+    if device_map is not None:
+        raise ShortenedError("blocks on disk and --device-map cannot be combined")
+    folder = resolve_local_folder(spec, cache_dir)
+    if folder is None:  # a Hub model: its files, not a loaded model
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(spec, revision=revision,
+                                            allow_patterns=["*.json", "*.safetensors", *_TOKENIZER_FILES]))
+        except Exception as exc:  # offline, no such repo, no access: one line for the user
+            raise ShortenedError(f"cannot fetch model '{spec}' from the Hub: {_first_line(exc)}") from exc
+    try:
+        model = load_blocks_on_disk(folder, dtype=resolve_dtype(dtype, device), device=device,
+                                    trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ShortenedError(f"cannot load model '{spec}' with its blocks on disk: {_first_line(exc)}") from exc
+    return model, _load_tokenizer(str(folder), trust_remote_code, None)
 
 
 def resolve_local_folder(spec: str, cache_dir: str | os.PathLike | None = None) -> Path | None:

@@ -26,12 +26,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the model's repository")
 
 
-def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_from_args(args: argparse.Namespace, *, blocks_on_disk: bool = False) -> tuple[Any, Any]:
     from ..loading import load_model
 
     return load_model(
         args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
         cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, revision=args.revision,
+        blocks_on_disk=blocks_on_disk,
     )
 
 

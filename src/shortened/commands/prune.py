@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
         criterion_options(args)
     check_output_dir(args.out, args.overwrite)  # fail before the (slow) load
-    if args.criterion is not None:
+    if args.criterion is not None or args.offload:
         from .score import load_for_scoring
 
         model, tokenizer = load_for_scoring(args)
@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         selection = _choose(args, model, tokenizer, saved, n)
         blocks = selection["removed"]
-    if args.offload:
+    if args.offload == "cpu":
         model.to("cpu")
-    kept = remove_blocks(model, blocks, spec)
+    kept = remove_blocks(model, blocks, spec)  # with --offload disk: the (empty) module tree; saved from disk
     record = pruning_record(args.model, n, kept, model_type=model.config.model_type, selection=selection)
     save_model(model, tokenizer, args.out, record, overwrite=args.overwrite)
     how = f" by {selection['criterion']} ({selection['method']})" if selection else ""
@@ -142,7 +142,7 @@ def _choose(args: argparse.Namespace, model: Any, tokenizer: Any, saved: Any, n:
         ids, calib = (calibration_from_args(args, model, tokenizer) if get_criterion(args.criterion).needs_data
                       else (None, None))
         plan, history = iterative_select(
-            model, ids, args.criterion, batch_size=args.batch_size, offload=args.offload,
+            model, ids, args.criterion, batch_size=args.batch_size, offload=bool(args.offload),
             device=args.device if args.offload else None, progress=not args.no_progress,
             **sel_kw, **criterion_options(args))
         scores = history[0]

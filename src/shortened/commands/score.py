@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   shortened score smollm2-135m --criterion taylor --calib self --n-samples 10 --seq-len 128 --out runs/taylor.json
   shortened score ./my-llama --criterion angular --calib 'texts/*.jsonl' --out runs/angular.json
   shortened score meta-llama/Llama-3.1-70B --criterion ppl --calib wikitext2 --offload --out runs/70b.json
+  shortened score meta-llama/Llama-3.1-405B --criterion ppl --calib wikitext2 --offload disk --out runs/405b.json
   shortened score smollm2-135m --criterion magnitude --norm l2 --out runs/mag.json
 """
 
@@ -48,8 +49,10 @@ def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: boo
                      help="angular: distance at the last token of each sample (the paper) or over all tokens")
     eng = parser.add_argument_group("engine")
     eng.add_argument("--batch-size", type=int, default=None, help="calibration samples per micro-batch (default: all)")
-    eng.add_argument("--offload", action="store_true",
-                     help="keep the blocks on the CPU and move one at a time to the accelerator (--device)")
+    eng.add_argument("--offload", nargs="?", const="cpu", choices=("cpu", "disk"), default=None,
+                     help="bring one block at a time to the accelerator (--device): 'cpu' (the default when "
+                          "given without a value) keeps the blocks in memory, 'disk' keeps them in the model's "
+                          "safetensors files and reads each when visited (models larger than memory)")
     eng.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -73,14 +76,15 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_for_scoring(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Load the model; with --offload it stays on the CPU and --device is where blocks run."""
+    """Load the model; with --offload it stays on the CPU (blocks: in memory or on disk) and --device is
+    where blocks run."""
     if args.offload:
         if args.device_map is not None:
             raise ShortenedError("--offload and --device-map cannot be combined")
         exec_device = args.device
         args.device = "cpu"
         try:
-            return load_from_args(args)
+            return load_from_args(args, blocks_on_disk=args.offload == "disk")
         finally:
             args.device = exec_device
     return load_from_args(args)
@@ -94,7 +98,7 @@ def compute_scores(args: argparse.Namespace, model: Any, tokenizer: Any, *, skip
     options = criterion_options(args)
     ids, info = calibration_from_args(args, model, tokenizer) if crit.needs_data else (None, None)
     scores = score_blocks(model, ids, args.criterion, skip=skip or (), batch_size=args.batch_size,
-                          offload=args.offload, device=args.device if args.offload else None,
+                          offload=bool(args.offload), device=args.device if args.offload else None,
                           progress=not args.no_progress, **options)
     return scores, info
 
@@ -106,6 +110,9 @@ def calibration_from_args(args: argparse.Namespace, model: Any, tokenizer: Any):
         raise ShortenedError(
             f"criterion {args.criterion} needs calibration data: pass --calib PATH, --calib self, or a Hub "
             "dataset (wikitext2, bookcorpus, c4, hf:NAME) when online")
+    if args.calib == "self" and getattr(args, "offload", None) == "disk":
+        raise ShortenedError("--calib self samples text from the model, which needs its blocks in memory: "
+                             "give a text source (--calib PATH or a dataset) with --offload disk")
     cal = calibration_data(args.calib, tokenizer, n_samples=args.n_samples, seq_len=args.seq_len,
                            seed=args.seed, model=model)
     return cal.ids, cal.info

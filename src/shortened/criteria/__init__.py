@@ -90,7 +90,8 @@ def score_blocks(
 
     ``skip`` treats those blocks as already removed (used by the iterative driver); their score is None.
     ``batch_size`` splits the samples into micro-batches for the capture pass; ``offload`` keeps the
-    blocks where they are (CPU) and moves one at a time to ``device``. ``workers`` candidate streams are
+    blocks where they are (CPU) and moves one at a time to ``device``; a model loaded with its blocks on
+    disk (``load_model(..., blocks_on_disk=True)``) is always scored so, each block read when visited. ``workers`` candidate streams are
     computed concurrently (default: one per CPU thread on a CPU, one on an accelerator). ``loss_chunk`` tokens
     and ``vocab_chunk`` words (0: all) are the slices of the loss computation. Remaining ``options`` go to the
     criterion (e.g. ``norm="l2"`` for magnitude, ``seed`` for random, ``tokens`` for angular).
@@ -126,15 +127,23 @@ def score_blocks(
     if crit.needs_data and calib_ids is not None:
         settings.update(n_samples=int(calib_ids.shape[0]), seq_len=int(calib_ids.shape[1]),
                         batch_size=engine.batch_size)
-    settings.update(skip=list(engine.skip), offload=bool(offload))
+    settings.update(skip=list(engine.skip), offload=_offload_mode(model, offload))
     span = extra.pop("span_scores", None)
     return BlockScores(criterion=criterion, scores=scores, settings=settings, span_scores=span, extra=extra)
+
+
+def _offload_mode(model: nn.Module, offload: bool) -> str | bool:
+    """What the scores file records: False, "cpu" (blocks moved from memory) or "disk"."""
+    from ..offload import disk_blocks
+
+    return "disk" if disk_blocks(model) is not None else "cpu" if offload else False
 
 
 @contextlib.contextmanager
 def _offloaded(model: nn.Module, spec: Any, offload: bool, device: Any) -> Iterator[Any]:
     """In offloaded mode, put everything but the blocks on the execution device for the duration."""
-    if not offload:
+    mode = _offload_mode(model, offload)
+    if not mode:
         yield device
         return
     from ..surgery import _set_submodule
@@ -142,7 +151,9 @@ def _offloaded(model: nn.Module, spec: Any, offload: bool, device: Any) -> Itera
 
     exec_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks = get_blocks(model, spec)
-    home = next(blocks[0].parameters()).device
+    # The rest goes back where it was: the device of a parameter outside the blocks.
+    block_ids = {id(p) for p in blocks.parameters()}
+    home = next((p.device for p in model.parameters() if id(p) not in block_ids), torch.device("cpu"))
 
     def move_rest(to: torch.device) -> None:
         _set_submodule(model, spec.blocks, nn.ModuleList())  # detach the blocks so .to() leaves them
@@ -151,7 +162,8 @@ def _offloaded(model: nn.Module, spec: Any, offload: bool, device: Any) -> Itera
         finally:
             _set_submodule(model, spec.blocks, blocks)
 
-    blocks.to(home)
+    if mode == "cpu":
+        blocks.to(home)
     move_rest(exec_device)
     try:
         yield exec_device

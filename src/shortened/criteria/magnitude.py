@@ -20,9 +20,10 @@ def score(engine: Engine, norm: str = "l1") -> tuple[list[float], dict[str, Any]
     with torch.no_grad():
         for i in engine.active:
             total = torch.zeros((), dtype=torch.float64)
-            for p in engine.blocks[i].parameters():
-                w = p.detach().double()
-                total += (w.abs().sum() if norm == "l1" else w.pow(2).sum()).cpu()
+            with engine.on_device(i) as block:  # offloaded (or on disk): one block at a time
+                for p in block.parameters():
+                    w = p.detach().double()
+                    total += (w.abs().sum() if norm == "l1" else w.pow(2).sum()).cpu()
             values.append(float(total if norm == "l1" else total.sqrt()))
     return values, {}
 

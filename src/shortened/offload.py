@@ -1,0 +1,287 @@
+"""Where the blocks of an offloaded model live between the engine's visits: in memory, or on disk.
+
+The scoring engine visits blocks one at a time. In offloaded mode it fetches a block onto the execution
+device for its visit and releases it afterwards, so only one block's weights are on the accelerator:
+
+- :class:`MemoryHome`: the blocks stay in memory on a device (the CPU) and are moved;
+- :class:`DiskBlocks`: no block weights are held at all. The model is built with its blocks on the meta
+  device (:func:`load_blocks_on_disk`); a block's tensors are read from the model's safetensors files
+  when it is fetched and dropped again when it is released. Scoring then needs memory for the
+  embeddings, the head and one block: a model larger than the machine's memory can be scored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from collections import defaultdict
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .archs import ArchSpec, get_arch, get_blocks
+from .errors import ShortenedError
+
+
+class BlockHome(Protocol):
+    """Puts a block on the execution device for a visit and takes it away afterwards."""
+
+    def fetch(self, block: nn.Module, index: int, device: torch.device) -> None: ...
+
+    def release(self, block: nn.Module, index: int) -> None: ...
+
+
+class MemoryHome:
+    """Blocks kept in memory on ``device`` and moved to the execution device for their visit."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def fetch(self, block: nn.Module, index: int, device: torch.device) -> None:
+        block.to(device)
+
+    def release(self, block: nn.Module, index: int) -> None:
+        block.to(self.device)
+
+
+class DiskBlocks:
+    """Block weights read from safetensors files at each visit (``blocks_prefix.{index}.*``).
+
+    ``names`` maps each of the model's tensor names to ``(file, name in that file)``: checkpoints may use
+    older names that transformers renames on load (e.g. GPT-NeoX's ``embed_out``).
+    """
+
+    def __init__(self, names: dict[str, tuple[Path, str]], blocks_prefix: str, dtype: torch.dtype) -> None:
+        self.names = names
+        self.prefix = blocks_prefix
+        self.dtype = dtype
+
+    def _read(self, wanted: dict[str, str], device: torch.device) -> dict[str, torch.Tensor]:
+        """``wanted``: local name -> model tensor name; returns local name -> tensor on ``device``."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
+        for local, name in wanted.items():
+            path, key = self.names[name]
+            by_file[path].append((local, key))
+        where = "cpu" if device.type == "cpu" else str(device)
+        out: dict[str, torch.Tensor] = {}
+        for path, items in by_file.items():
+            with safe_open(str(path), "pt", device=where) as f:
+                for local, key in items:
+                    t = f.get_tensor(key)
+                    out[local] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def fetch(self, block: nn.Module, index: int, device: torch.device) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = f"{self.prefix}.{index}."
+        wanted = {name: prefix + name for name, _ in block.named_parameters()}
+        wanted.update({name: prefix + name for name, _ in block.named_buffers() if prefix + name in self.names})
+        for name, value in self._read(wanted, device).items():
+            set_module_tensor_to_device(block, name, device, value=value)
+        for name, buf in block.named_buffers():  # buffers not in the checkpoint (computed at init) move along
+            if name not in wanted and buf.device != device:
+                set_module_tensor_to_device(block, name, device)
+
+    def release(self, block: nn.Module, index: int) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(block.named_parameters()):
+            set_module_tensor_to_device(block, name, "meta")
+        for name, buf in list(block.named_buffers()):
+            if buf.device.type != "cpu":
+                set_module_tensor_to_device(block, name, "cpu")
+
+    def load_rest(self, model: nn.Module, spec: ArchSpec, device: torch.device) -> None:
+        """Read every tensor outside the blocks (embeddings, final norm, head) onto ``device``."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        block_prefix = self.prefix + "."
+        wanted = {name: name for name, _ in _named_tensors(model) if not name.startswith(block_prefix)
+                  and name in self.names}
+        for name, value in self._read(wanted, device).items():
+            set_module_tensor_to_device(model, name, device, value=value)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # a tied head is not in the checkpoint: it is the embedding
+        for name, p in model.named_parameters():
+            if not name.startswith(block_prefix) and p.is_meta:
+                raise ShortenedError(f"the checkpoint has no tensor for '{name}': cannot keep this model's "
+                                     "blocks on disk (use --offload cpu)")
+        for name, buf in model.named_buffers():
+            if not name.startswith(block_prefix) and buf.device != device:
+                set_module_tensor_to_device(model, name, device)
+
+
+# Models whose blocks are read from disk -> their DiskBlocks (weak: the entry goes with the model).
+_DISK: "weakref.WeakKeyDictionary[nn.Module, DiskBlocks]" = weakref.WeakKeyDictionary()
+
+
+def disk_blocks(model: nn.Module) -> DiskBlocks | None:
+    """The :class:`DiskBlocks` of a model loaded by :func:`load_blocks_on_disk`, else None."""
+    return _DISK.get(model)
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers()
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder (sharded or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return sorted({folder / f for f in weight_map.values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ShortenedError(f"no safetensors weights in {folder}: blocks can only be read from safetensors files")
+    return files
+
+
+def _renamings(model: nn.Module) -> list[tuple[str, str]]:
+    """transformers' own renamings of legacy checkpoint names for this model (regex, replacement)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # older or newer transformers without this API: names are taken as they are
+        return []
+    pairs = []
+    for t in transforms:
+        if isinstance(t, WeightRenaming):
+            pairs += list(zip(t.source_patterns, t.target_patterns))
+    return pairs
+
+
+def index_checkpoint(model: nn.Module, folder: Path) -> dict[str, tuple[Path, str]]:
+    """Model tensor name -> (file, checkpoint name), checked against the model's shapes."""
+    from safetensors import safe_open
+
+    renames = _renamings(model)
+    names: dict[str, tuple[Path, str]] = {}
+    shapes: dict[str, list[int]] = {}
+    for path in checkpoint_files(folder):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                name = key
+                for pattern, repl in renames:
+                    name = re.sub(pattern, repl, name)
+                names[name] = (path, key)
+                shapes[name] = list(f.get_slice(key).get_shape())
+    for name, t in _named_tensors(model):
+        if name in shapes and shapes[name] != list(t.shape):
+            raise ShortenedError(f"checkpoint tensor for '{name}' has shape {shapes[name]}, the model expects "
+                                 f"{list(t.shape)}: cannot read its blocks from disk")
+    return names
+
+
+def load_blocks_on_disk(folder: Path, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> nn.Module:
+    """Build the model of ``folder`` with its blocks on the meta device and everything else loaded on
+    ``device``; the engine reads each block from the safetensors files when it visits it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with init_empty_weights():  # parameters on meta, buffers (rotary tables, ...) computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    spec = get_arch(model)
+    names = index_checkpoint(model, folder)
+    prefix = spec.blocks + "."
+    missing = [n for n, _ in get_blocks(model, spec).named_parameters(prefix=spec.blocks) if n not in names]
+    if missing:
+        raise ShortenedError(f"the checkpoint in {folder} has no tensor '{missing[0]}' (its names differ from the "
+                             "model's): cannot read its blocks from disk; use --offload cpu")
+    store = DiskBlocks(names, spec.blocks, dtype)
+    store.load_rest(model, spec, torch.device(device))
+    assert all(n.startswith(prefix) for n, p in model.named_parameters() if p.is_meta)
+    _DISK[model] = store
+    return model
+
+
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most ``shard_bytes`` (one file: ``model.safetensors``)
+    plus the index transformers reads for a sharded checkpoint."""
+
+    def __init__(self, folder: Path, shard_bytes: int) -> None:
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.folder / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.folder / "model.safetensors")
+            return
+        n = len(self.files)
+        weight_map = {}
+        for k, (path, names) in enumerate(self.files):
+            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_from_disk(model: nn.Module, kept: list[int], folder: Path, *, shard_bytes: int = 4 * 2**30) -> None:
+    """Write the weights and config of ``model`` (pruned, its blocks on disk) into ``folder``, one block at a
+    time: new block ``i`` is read from the checkpoint's block ``kept[i]``. Memory: one block and one shard."""
+    store = disk_blocks(model)
+    if store is None:
+        raise ShortenedError("save_from_disk needs a model loaded with its blocks on disk")
+    spec = get_arch(model)
+    blocks = get_blocks(model, spec)
+    if len(kept) != len(blocks):
+        raise ShortenedError(f"{len(kept)} kept block indices for a model of {len(blocks)} blocks")
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    writer = _ShardWriter(folder, shard_bytes)
+    persistent = set(model.state_dict(keep_vars=True))
+    seen: set[int] = set()
+    prefix = spec.blocks + "."
+    for name, t in _named_tensors(model):
+        if name.startswith(prefix) or name not in persistent or id(t) in seen:
+            continue  # blocks come next; non-persistent buffers are not saved; a tied head is saved once
+        seen.add(id(t))
+        writer.add(name, t)
+    cpu = torch.device("cpu")
+    for new, (block, old) in enumerate(zip(blocks, kept)):
+        store.fetch(block, old, cpu)
+        try:
+            for name, t in block.state_dict().items():
+                writer.add(f"{prefix}{new}.{name}", t)
+        finally:
+            store.release(block, old)
+    writer.close()
+
+
+__all__ = ["BlockHome", "DiskBlocks", "MemoryHome", "disk_blocks", "index_checkpoint", "load_blocks_on_disk",
+           "save_from_disk"]
