@@ -192,3 +192,13 @@ def test_scoring_from_disk_on_the_command_line(tmp_path):
                  "--out", str(out)]) == 0
     got = json.loads(out.read_text())
     assert got["scores"] == want and got["settings"]["offload"] == "disk"
+
+
+def test_self_calibration_needs_the_blocks_in_memory(tmp_path, capsys):
+    from shortened.cli import main
+
+    folder = saved(tmp_path, "llama")
+    rc = main(["score", str(folder), "--criterion", "ppl", "--calib", "self", "--offload", "disk",
+               "--out", str(tmp_path / "s.json")])
+    assert rc == 2
+    assert "--calib self" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
