@@ -111,6 +111,24 @@ def test_prune_by_criterion_and_ratio(folder, text, tmp_path):
     assert pr["selection"]["plan"]["requested"]["ratio"] == 0.34
 
 
+@pytest.mark.parametrize("extra", [[], ["--iterative"]], ids=["one-shot", "iterative"])
+def test_prune_by_criterion_with_the_blocks_on_disk(folder, text, tmp_path, extra):
+    """Scored and written one block at a time from the safetensors files: the same model as a normal run."""
+    args = ["--criterion", "ppl", "--calib", str(text), "--n-samples", "2", "--seq-len", "16", "--num-blocks", "2",
+            "--no-progress", *extra]
+    assert run_cli(["prune", str(folder), *args, "--out", str(tmp_path / "plain")]) == 0
+    assert run_cli(["prune", str(folder), *args, "--offload", "disk", "--out", str(tmp_path / "disk")]) == 0
+    plain, disk = (json.loads((tmp_path / k / "pruning.json").read_text()) for k in ("plain", "disk"))
+    assert disk["removed_blocks"] == plain["removed_blocks"]
+    assert disk["selection"]["scores"]["scores"] == plain["selection"]["scores"]["scores"]
+    assert disk["selection"]["scores"]["settings"]["offload"] == "disk"
+    a, _ = load_model(str(tmp_path / "plain"))
+    b, tok = load_model(str(tmp_path / "disk"))
+    assert tok is not None
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_prune_iterative_and_self_calibration(folder, tmp_path):
     out = tmp_path / "p"
     assert run_cli(["prune", str(folder), "--criterion", "ppl", "--calib", "self", "--n-samples", "2",
