@@ -110,7 +110,7 @@ def calibration_from_args(args: argparse.Namespace, model: Any, tokenizer: Any):
         raise ShortenedError(
             f"criterion {args.criterion} needs calibration data: pass --calib PATH, --calib self, or a Hub "
             "dataset (wikitext2, bookcorpus, c4, hf:NAME) when online")
-    if args.calib == "self" and getattr(args, "offload", None) == "disk":
+    if args.calib == "self" and args.offload == "disk":
         raise ShortenedError("--calib self samples text from the model, which needs its blocks in memory: "
                              "give a text source (--calib PATH or a dataset) with --offload disk")
     cal = calibration_data(args.calib, tokenizer, n_samples=args.n_samples, seq_len=args.seq_len,

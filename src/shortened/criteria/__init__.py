@@ -114,9 +114,10 @@ def score_blocks(
         engine_kw["vocab_chunk"] = vocab_chunk
     if workers is not None:
         engine_kw["workers"] = workers
-    with _offloaded(model, spec, offload, device) as exec_device:
+    mode = _offload_mode(model, offload)
+    with _offloaded(model, spec, mode, device) as exec_device:
         engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip, batch_size=batch_size,
-                        offload=offload, device=exec_device, progress=progress, spec=spec, **engine_kw)
+                        offload=bool(mode), device=exec_device, progress=progress, spec=spec, **engine_kw)
         values, extra = crit.fn(engine, **options)
     if len(values) != len(engine.active):
         raise AssertionError(f"criterion {criterion} returned {len(values)} scores for {len(engine.active)} blocks")
@@ -127,7 +128,7 @@ def score_blocks(
     if crit.needs_data and calib_ids is not None:
         settings.update(n_samples=int(calib_ids.shape[0]), seq_len=int(calib_ids.shape[1]),
                         batch_size=engine.batch_size)
-    settings.update(skip=list(engine.skip), offload=_offload_mode(model, offload))
+    settings.update(skip=list(engine.skip), offload=mode)
     span = extra.pop("span_scores", None)
     return BlockScores(criterion=criterion, scores=scores, settings=settings, span_scores=span, extra=extra)
 
@@ -140,9 +141,9 @@ def _offload_mode(model: nn.Module, offload: bool) -> str | bool:
 
 
 @contextlib.contextmanager
-def _offloaded(model: nn.Module, spec: Any, offload: bool, device: Any) -> Iterator[Any]:
-    """In offloaded mode, put everything but the blocks on the execution device for the duration."""
-    mode = _offload_mode(model, offload)
+def _offloaded(model: nn.Module, spec: Any, mode: str | bool, device: Any) -> Iterator[Any]:
+    """In offloaded mode (``mode``: "cpu" or "disk"), put everything but the blocks on the execution device
+    for the duration."""
     if not mode:
         yield device
         return
