@@ -25,7 +25,7 @@ def tiny_with_tokenizer(smollm2_folder, tmp_path_factory) -> Path:
 
 
 def _args(model: Path, out: Path, data: Path) -> list[str]:
-    return ["run", str(model), "--ratio", "0.34", "--n-samples", "2", "--seq-len", "16",
+    return ["run", str(model), "--recipe", "paper", "--ratio", "0.34", "--n-samples", "2", "--seq-len", "16",
             "--heal", "distill", "--heal-steps", "2", "--heal-batch-size", "2", "--heal-grad-accum", "1",
             "--heal-seq-len", "32", "--data-dir", str(data), "--eval", "wikitext2,ptb,piqa,arc_easy",
             "--eval-limit", "3", "--eval-seq-len", "16", "--bench", "1", "--bench-output-lens", "4", "--bench-repeats", "1",
@@ -122,3 +122,39 @@ def test_push_to_hub_uploads_the_folder_without_stages(tmp_path, monkeypatch, ca
     with pytest.raises(ShortenedError, match=f"the run finished in {tmp_path}, but the upload to me/model failed: "
                                              "Network is unreachable$"):
         _push(tmp_path, "me/model")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], dict(recipe="best", criterion="bi", heal="linear,reconstruct", heal_data_kind="books", protect_first=1)),
+    (["--recipe", "paper"], dict(recipe="paper", criterion="ppl", heal="lora", heal_data_kind="alpaca",
+                                 protect_first=None)),
+    (["--criterion", "taylor", "--heal", "none", "--protect-first", "0"],
+     dict(recipe="best", criterion="taylor", heal=None, protect_first=0)),
+    (["--recipe", "paper", "--heal", "linear,reconstruct", "--heal-max-time", "30"],
+     dict(criterion="ppl", heal="linear,reconstruct", heal_options={"max_time": 30.0})),
+])
+def test_recipes_fill_what_the_user_left_unset(argv, expected, monkeypatch, tmp_path):
+    import shortened.pipeline as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config: seen.append(config) or tmp_path)
+    assert main(["run", "smollm2-135m", "--out", str(tmp_path / "o"), *argv]) == 0
+    (config,) = seen
+    for key, value in expected.items():
+        assert getattr(config, key) == value, key
+
+
+def test_run_best_recipe_end_to_end(tiny_with_tokenizer, tmp_path):
+    """With no --criterion/--heal: Block Influence, block 0 kept, the linear bridge then reconstruct on
+    text sampled from the model (no data folder), and a card that names the chain."""
+    out = tmp_path / "out"
+    assert main(["run", str(tiny_with_tokenizer), "--ratio", "0.34", "--n-samples", "2", "--seq-len", "16",
+                 "--heal-steps", "2", "--heal-batch-size", "2", "--heal-seq-len", "16", "--eval-seq-len", "16",
+                 "--bench", "none", "--out", str(out)]) == 0
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["selection"]["criterion"] == "bi" and 0 not in record["removed_blocks"]
+    h = record["healing"]
+    assert h["method"] == "linear,reconstruct" and [s["method"] for s in h["stages"]] == ["linear", "reconstruct"]
+    assert h["stages"][0]["bridges"] and h["steps_done"] == 2
+    assert record["run"]["config"]["recipe"] == "best"
+    assert "linear,reconstruct" in (out / "README.md").read_text()

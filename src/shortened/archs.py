@@ -48,6 +48,11 @@ class ArchSpec:
     #: Config settings under which a block's computation depends on its absolute index, so removing
     #: blocks cannot keep the function of the kept ones: ``(field, value)`` pairs that are refused.
     index_dependent_settings: tuple[tuple[str, Any], ...] = ()
+    #: Dotted path, inside a block, of the linear layer whose output is the block's last residual term
+    #: (block output = everything else + this layer's output), where ``heal --method linear`` folds its
+    #: bridge; None where no such layer exists (then ``mlp_out_why`` says why).
+    mlp_out: str | None = None
+    mlp_out_why: str | None = None
     #: True when the entry was discovered at run time rather than read from the table.
     generic: bool = field(default=False, compare=False)
 
@@ -61,6 +66,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         head=("model.norm", "lm_head"),
         embed="model.embed_tokens",
         lora_targets=_LLAMA_LIKE_TARGETS,
+        mlp_out="mlp.down_proj",
     ),
     ArchSpec(
         model_types=("qwen2", "qwen3"),
@@ -69,6 +75,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         embed="model.embed_tokens",
         per_layer_config_lists=("layer_types",),
         lora_targets=_LLAMA_LIKE_TARGETS,
+        mlp_out="mlp.down_proj",
     ),
     ArchSpec(
         model_types=("gemma2", "gemma3_text"),
@@ -78,6 +85,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         per_layer_config_lists=("layer_types",),
         logit_softcap_field="final_logit_softcapping",
         lora_targets=_LLAMA_LIKE_TARGETS,
+        mlp_out_why="the MLP output is normalised (post_feedforward_layernorm) before it joins the residual, "
+                    "so no linear map on it can be folded into a weight",
     ),
     ArchSpec(
         model_types=("phi3",),
@@ -85,6 +94,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         head=("model.norm", "lm_head"),
         embed="model.embed_tokens",
         lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        mlp_out="mlp.down_proj",
     ),
     ArchSpec(
         model_types=("opt",),
@@ -92,6 +102,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
         embed="model.decoder.embed_tokens",
         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        mlp_out="fc2",
     ),
     ArchSpec(
         model_types=("gpt_neox",),
@@ -99,6 +110,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         head=("gpt_neox.final_layer_norm", "lm_head"),
         embed="gpt_neox.embed_in",
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        mlp_out="mlp.dense_4h_to_h",
     ),
     ArchSpec(
         model_types=("gpt2",),
@@ -107,6 +119,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         embed="transformer.wte",
         layer_count_field="n_layer",
         lora_targets=("c_attn", "c_proj", "c_fc"),
+        mlp_out="mlp.c_proj",
         # GPT-2 can scale attention by 1/(layer_idx+1); a renumbered block would change its function.
         index_dependent_settings=(("scale_attn_by_inverse_layer_idx", True),),
     ),

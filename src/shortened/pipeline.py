@@ -38,6 +38,7 @@ class RunConfig:
 
     model: str
     out: Path
+    recipe: str | None = None  # recorded: the recipe the CLI filled the unset settings from
     # selection
     criterion: str = "ppl"
     ratio: float | None = None
@@ -52,8 +53,9 @@ class RunConfig:
     seq_len: int = 128
     seed: int = 1234
     # healing (None: no healing)
-    heal: str | None = None
+    heal: str | None = None  # a method or chain ("linear,reconstruct")
     heal_data: str | None = None
+    heal_data_kind: str = "alpaca"  # without heal_data: "alpaca" or "books" from data_dir (recipes.py)
     heal_options: dict[str, Any] = field(default_factory=dict)
     # evaluation
     data_dir: str | None = None
@@ -83,10 +85,12 @@ class RunConfig:
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ShortenedError(f"number of blocks to remove must be positive, got {self.num_blocks}")
         get_criterion(self.criterion)
-        from .heal import METHODS
+        if self.heal is not None:
+            from .heal import parse_chain
 
-        if self.heal is not None and self.heal not in METHODS:
-            raise ShortenedError(f"unknown healing method '{self.heal}': choose {', '.join(METHODS)}")
+            parse_chain(self.heal)
+        if self.heal_data_kind not in ("alpaca", "books"):
+            raise ShortenedError(f"heal_data_kind must be alpaca or books, got '{self.heal_data_kind}'")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ShortenedError(f"data folder not found: {self.data_dir}")
 
@@ -209,13 +213,17 @@ class Pipeline:
         return self.stages.run("pruned", settings, work)
 
     def heal_text(self) -> str:
-        """Healing data: the user's, else Alpaca from the data folder, else text sampled from the dense model."""
+        """Healing data: the user's; else the recipe's kind, books (the calibration text when it is local
+        files, else the data folder's Gutenberg books) or Alpaca from the data folder; else text sampled
+        from the dense model."""
         if self.c.heal_data:
             return self.c.heal_data
+        if self.c.heal_data_kind == "books" and self.c.calib != "self" and Path(self.c.calib).exists():
+            return self.c.calib
         if self.c.data_dir:
-            alpaca = Path(self.c.data_dir) / "alpaca" / "alpaca_data_2k_subset.json"
-            if alpaca.is_file():
-                return str(alpaca)
+            name = "gutenberg" if self.c.heal_data_kind == "books" else "alpaca/alpaca_data_2k_subset.json"
+            if (Path(self.c.data_dir) / name).exists():
+                return str(Path(self.c.data_dir) / name)
         folder = self._sampled_text("heal-data", n=32, seed=self.c.seed + 2)
         return str(folder / "heal-data.txt")
 
@@ -229,7 +237,10 @@ class Pipeline:
         def work(tmp: Path) -> None:
             from .heal import heal
 
-            teacher = self.dense()[0] if self.c.heal in ("distill", "reconstruct") else None
+            from .heal import parse_chain
+
+            needs_teacher = any(m.needs_teacher for m in parse_chain(self.c.heal))
+            teacher = self.dense()[0] if needs_teacher else None
             out = tmp / "model"
             heal(str(pruned), data, self.c.heal, out=out, teacher=teacher, checkpoint_dir=tmp / "checkpoints",
                  **self.c.heal_options)

@@ -1,10 +1,9 @@
-"""``shortened heal DIR --method lora|full|distill|reconstruct --data ... --out DIR2``: retrain a pruned model.
+"""``shortened heal DIR --method METHOD[,METHOD...] --data ... --out DIR2``: heal a pruned model.
 
-lora is the paper's recipe (LoRA r=8 on Alpaca with the prompt masked, merged at the end); full is
-continued pre-training of every weight; distill trains the student (LoRA or every weight) to match
-the unpruned model's next-token distributions; reconstruct trains only the kept blocks around each
-removed run to output the unpruned model's hidden state after the run (fastest per token, one
-process). Runs unchanged under `accelerate launch` (reconstruct excepted).
+The methods (several joined by commas run one after the other, each on the previous one's result):
+{methods}
+
+Runs unchanged under `accelerate launch` (reconstruct and linear excepted: one process).
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ EXAMPLES = """examples:
   shortened heal runs/p --method distill --student full --teacher smollm2-135m --data hf:yahma/alpaca-cleaned --out runs/p-kd
   shortened heal runs/p --method full --data corpus.txt --steps 500 --lr 2e-5 --out runs/p-cpt
   shortened heal runs/p --method reconstruct --data books/ --steps 300 --out runs/p-rec
+  shortened heal runs/p --method linear --data books/ --out runs/p-lin                 # no training, ~1 minute
+  shortened heal runs/p --method linear,reconstruct --data books/ --max-time 540 --out runs/p-best
   shortened heal runs/p --method lora --data alpaca --out runs/p-lora --resume      # after an interruption
   accelerate launch --num_processes 4 -m shortened.cli heal runs/p --method lora --data alpaca --out runs/p-lora
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m shortened.cli heal runs/p ...  # CPU, gloo
@@ -33,15 +34,28 @@ Output: the merged model, pruning.json with a 'healing' section, adapter/ (LoRA)
 """
 
 
+def _method_defaults(name: str) -> str:
+    from ..heal import HealSettings, get_method
+
+    m = get_method(name)
+    lr = m.default_lr(HealSettings())
+    shape = {k: v for k, v in m.defaults.items() if k != "lr"}
+    return f"{name}: " + ", ".join([*(["lr " + f"{lr:g}"] if lr else []), *(f"{k} {v}" for k, v in shape.items())])
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..heal import METHODS, HealSettings
+    from ..heal import HealSettings, describe_methods, methods
     from ..heal.reconstruct import LOSSES
 
     d = HealSettings()
-    p = sub.add_parser("heal", help="retrain a pruned model (LoRA, full, distillation, block reconstruction)",
-                       description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p = sub.add_parser("heal", help="heal a pruned model (LoRA, full, distillation, reconstruction, linear bridge)",
+                       description=__doc__.format(methods=describe_methods()),
+                       epilog=EXAMPLES + "\ndefaults per method:\n" +
+                       "\n".join("  " + _method_defaults(n) for n in methods()) + "\n",
+                       formatter_class=HelpFormatter)
     p.add_argument("model", metavar="DIR", help="the pruned model folder (or any " + MODEL_HELP + ")")
-    p.add_argument("--method", choices=METHODS, default="lora", help="healing method")
+    p.add_argument("--method", default="lora", metavar="METHOD[,METHOD...]",
+                   help=f"healing method ({', '.join(methods())}), or a chain such as linear,reconstruct")
     p.add_argument("--data", required=True, help="alpaca, hf:NAME, an Alpaca JSON/JSONL file, or text file/folder")
     p.add_argument("--out", required=True, help="output folder (a plain Hugging Face model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -50,18 +64,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     t.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training split when --steps is not given")
     t.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: lora 1e-4 as the paper; full 2e-5; distill 5e-4 with a LoRA student, "
-                        "2e-5 full; reconstruct 3e-3)")
-    t.add_argument("--batch-size", type=int, default=None,
-                   help="micro-batch per process (default: 4 as the paper; reconstruct 8)")
-    t.add_argument("--grad-accum", type=int, default=None,
-                   help="gradient accumulation steps (default: 16 as the paper; reconstruct 1)")
+                   help="peak learning rate (default: the method's, listed below; distill: 5e-4 with a LoRA student, "
+                        "2e-5 full)")
+    t.add_argument("--batch-size", type=int, default=None, help="micro-batch per process (default: the method's)")
+    t.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default: the method's)")
     t.add_argument("--seq-len", type=int, default=None,
-                   help="Alpaca cut-off / packed text length in tokens (default: 256 as the paper; reconstruct 128)")
+                   help="Alpaca cut-off / packed text length in tokens (default: the method's)")
     t.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of the data held out for validation")
     t.add_argument("--seed", type=int, default=d.seed, help="seed for the split, shuffling, LoRA init and dropout")
     t.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warm-up steps, capped at --steps (default: 100 as the paper; reconstruct 10)")
+                   help="linear warm-up steps, capped at --steps (default: the method's)")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: off)")
     t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: 10 times per run)")
@@ -89,6 +101,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--reconstruct-loss", choices=LOSSES, default=d.reconstruct_loss,
                     help="token: mean of per-token relative errors; total: summed error over summed target norm")
 
+    li = p.add_argument_group("linear bridge (method linear)")
+    li.add_argument("--linear-tokens", type=int, default=d.linear_tokens,
+                    help="calibration tokens of the least-squares fit (drawn from --data's training split)")
+    li.add_argument("--linear-ridge", type=float, default=d.linear_ridge,
+                    help="ridge towards the identity (plain removal), relative to the MLP output's energy")
+
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints)")
     ck.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -105,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
         save_every=args.save_every, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         student=args.student, temperature=args.temperature, lm_weight=args.lm_weight, bridge_width=args.bridge_width,
-        reconstruct_loss=args.reconstruct_loss,
+        reconstruct_loss=args.reconstruct_loss, linear_tokens=args.linear_tokens, linear_ridge=args.linear_ridge,
         train_on_inputs=args.train_on_inputs, max_examples=args.max_examples, max_time=args.max_time,
         mixed_precision=args.mixed_precision, dtype=args.dtype,
     )
@@ -118,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(f"healed with {args.method} for {h['steps_done']} steps ({h['seconds']:.0f} s); validation loss "
+        bridges = [b for st in h.get("stages", [h]) for b in st.get("bridges", [])]
+        fitted = "; bridges fitted, relative error " + ", ".join(
+            f"{b['error_removed']:.3f}->{b['error_bridged']:.3f}" for b in bridges) if bridges else ""
+        print(f"healed with {h['method']} for {h['steps_done']} steps ({h['seconds']:.0f} s){fitted}; validation loss "
               f"{before} -> {best} (best step {h['best_step']}) -> {args.out}")
     return 0

@@ -14,10 +14,15 @@ from ._common import HelpFormatter, add_model_args, parse_int_list
 
 EXAMPLES = """examples:
   shortened run smollm2-135m --ratio 0.2 --out runs/demo          # offline: calibration sampled from the model
-  shortened run smollm2-135m --criterion ppl --ratio 0.2 --calib ../shared/data/gutenberg \\
-      --heal lora --heal-steps 50 --data-dir ../shared/data --eval-limit 200 --out runs/paper
+  shortened run smollm2-135m --ratio 0.2 --calib ../shared/data/gutenberg --data-dir ../shared/data \\
+      --heal-max-time 600 --out runs/best                          # the best measured recipe
+  shortened run smollm2-135m --recipe paper --ratio 0.2 --calib ../shared/data/gutenberg \\
+      --heal-steps 50 --data-dir ../shared/data --eval-limit 200 --out runs/paper
   shortened run meta-llama/Llama-2-7b-hf --criterion taylor --ratio 0.35 --calib bookcorpus \\
       --heal lora --data-dir data/ --bench 1,8,32 --out runs/llama-35 --push-to-hub me/llama-2-5.5b
+
+recipes (--recipe; --criterion, --heal and --protect-first override its parts):
+{recipes}
 
 --eval takes perplexity sets (wikitext2, ptb, heldout, or a text file) and zero-shot tasks (boolq, piqa,
 hellaswag, winogrande, arc_easy, arc_challenge, openbookqa) in one list; the default is the paper's
@@ -26,12 +31,20 @@ hellaswag, winogrande, arc_easy, arc_challenge, openbookqa) in one list; the def
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..recipes import DEFAULT_RECIPE, RECIPES
+
+    recipes = "\n".join(f"  {r.name:<6} {r.summary}: --criterion {r.criterion} --heal {r.heal}"
+                        + (f" --protect-first {r.protect_first}" if r.protect_first is not None else "")
+                        for r in RECIPES.values())
     p = sub.add_parser("run", help="score, prune, heal, evaluate, benchmark and write a model card",
-                       description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+                       description=__doc__, epilog=EXAMPLES.format(recipes=recipes), formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--out", required=True, help="output folder: the final model, its card, and every stage")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="criterion and healing used unless --criterion / --heal say otherwise")
     s = p.add_argument_group("selection")
-    s.add_argument("--criterion", default="ppl", help="block importance criterion (see 'shortened score --help')")
+    s.add_argument("--criterion", default=None,
+                   help="block importance criterion (see 'shortened score --help'; default: the recipe's)")
     size = s.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=float, default=None, help="share of blocks to remove (default 0.2)")
     size.add_argument("--num-blocks", type=int, default=None, help="number of blocks to remove")
@@ -45,16 +58,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
     c.add_argument("--seed", type=int, default=1234, help="seed for calibration sampling")
     h = p.add_argument_group("healing")
-    from ..heal import METHODS
+    from ..heal import methods
 
-    h.add_argument("--heal", choices=(*METHODS, "none"), default="none", help="healing method")
+    h.add_argument("--heal", default=None, metavar="METHOD[,METHOD...]",
+                   help=f"healing method or chain ({', '.join(methods())}; e.g. linear,reconstruct), or none "
+                        "(default: the recipe's)")
     h.add_argument("--heal-data", default=None,
-                   help="healing data (default: Alpaca from --data-dir, else text sampled from the original model)")
+                   help="healing data (default: the recipe's kind from --data-dir (best: the calibration text or "
+                        "the Gutenberg books; paper: Alpaca), else text sampled from the original model)")
     h.add_argument("--heal-steps", type=int, default=None, help="optimizer steps (default: the method's epochs)")
     h.add_argument("--heal-lr", type=float, default=None, help="learning rate (default: the method's)")
     h.add_argument("--heal-batch-size", type=int, default=None, help="micro-batch size")
     h.add_argument("--heal-grad-accum", type=int, default=None, help="gradient accumulation steps")
     h.add_argument("--heal-seq-len", type=int, default=None, help="training sequence length")
+    h.add_argument("--heal-max-time", type=float, default=None,
+                   help="stop each training method of the chain after this many seconds")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", default=None, help="comma list of perplexity sets and tasks, or 'none'")
     e.add_argument("--data-dir", default=None, help="folder with the original data files (layout of ../shared/data)")
@@ -76,19 +94,26 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ShortenedError
     from ..pipeline import RunConfig, run_pipeline
+    from ..recipes import get_recipe
 
+    recipe = get_recipe(args.recipe)
+    heal = args.heal if args.heal is not None else recipe.heal
     ratio = args.ratio if args.ratio is not None or args.num_blocks is not None else 0.2
     ppl, tasks = _split_eval(args.eval)
     heal_options = {k: v for k, v in dict(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size,
-                                          grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len).items()
+                                          grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len,
+                                          max_time=args.heal_max_time).items()
                     if v is not None}
     if args.bench_repeats < 1:
         raise ShortenedError("--bench-repeats must be at least 1")
     config = RunConfig(
-        model=args.model, out=Path(args.out), criterion=args.criterion, ratio=ratio, num_blocks=args.num_blocks,
-        protect_first=args.protect_first, protect_last=args.protect_last, iterative=args.iterative,
+        model=args.model, out=Path(args.out), recipe=recipe.name, criterion=args.criterion or recipe.criterion,
+        ratio=ratio, num_blocks=args.num_blocks,
+        protect_first=args.protect_first if args.protect_first is not None else recipe.protect_first,
+        protect_last=args.protect_last, iterative=args.iterative,
         contiguous=args.contiguous, calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
-        seed=args.seed, heal=None if args.heal == "none" else args.heal, heal_data=args.heal_data,
+        seed=args.seed, heal=None if heal == "none" else heal, heal_data=args.heal_data,
+        heal_data_kind=recipe.heal_data,
         heal_options=heal_options, data_dir=args.data_dir, eval_ppl=ppl, eval_tasks=tasks,
         eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size,
         eval_seq_len=args.eval_seq_len,

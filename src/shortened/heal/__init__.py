@@ -1,6 +1,7 @@
-"""Healing a pruned model by light retraining.
+"""Healing a pruned model by light retraining, or training-free.
 
-Three methods share one training loop (:mod:`.loop`):
+The methods live in the registry (:mod:`.registry`), one module each; those that train share one loop
+(:mod:`.loop`):
 
 * ``lora``: the paper's recipe: LoRA (r=8, alpha=16, dropout 0.05) on the attention and MLP
   projections, Alpaca with the prompt masked, merged into the weights at the end;
@@ -8,7 +9,11 @@ Three methods share one training loop (:mod:`.loop`):
 * ``distill``: the unpruned model as teacher (KL on next-token distributions, optionally plus the LM
   loss), training LoRA adapters or every weight of the student;
 * ``reconstruct``: block-local: the kept blocks around each removed run learn to output the unpruned
-  model's hidden state after the run (:mod:`.reconstruct`); cheapest per token, one process.
+  model's hidden state after the run (:mod:`.reconstruct`); cheapest per token, one process;
+* ``linear``: training-free: a least-squares linear map per removed run folded into the MLP output
+  projection of the block before it (:mod:`.linear`, after ReplaceMe).
+
+Methods chain: ``"linear,reconstruct"`` runs reconstruct on the bridged model.
 
 ``heal(...)`` is the Python API; ``shortened heal`` is its command line.
 """
@@ -21,7 +26,8 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,20 +36,11 @@ from torch import nn
 
 from ..errors import ShortenedError
 from .data import HealingData, load_healing_data
-from .loop import LMObjective, TrainConfig, TrainResult, load_trainable_state, train
+from .loop import TrainConfig, TrainResult, load_trainable_state, train
+from .registry import HealContext, HealMethod, describe_methods, get_method, methods, parse_chain
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "full", "distill", "reconstruct")
-#: Learning rate per method when none is given (lora: the paper's; see benchmarks/results/healing.md).
-DEFAULT_LR = {"lora": 1e-4, "full": 2e-5, "distill": 5e-4, "reconstruct": 3e-3}
-#: Batch shape and warm-up per method when none is given: the paper's for lora, full and distill; for
-#: reconstruct the settings of its best measured run (benchmarks/results/healing.md: many short steps).
-PAPER_BATCH = {"batch_size": 4, "grad_accum": 16, "seq_len": 256, "warmup_steps": 100}
-METHOD_DEFAULTS = {"lora": PAPER_BATCH, "full": PAPER_BATCH, "distill": PAPER_BATCH,
-                   "reconstruct": {"batch_size": 8, "grad_accum": 1, "seq_len": 128, "warmup_steps": 10}}
-#: Default distillation student learning rates by trainable part.
-DEFAULT_DISTILL_LR = {"lora": 5e-4, "full": 2e-5}
 ADAPTER_DIR = "adapter"
 LOG_CSV = "healing_log.csv"
 PLOT = "loss.png"
@@ -55,8 +52,8 @@ class HealSettings:
 
     steps: int | None = None  # optimizer steps; default from epochs
     epochs: float = 2.0
-    lr: float | None = None  # default per method (DEFAULT_LR)
-    batch_size: int | None = None  # micro-batch per process; default per method (METHOD_DEFAULTS)
+    lr: float | None = None  # default per method (its registry entry)
+    batch_size: int | None = None  # micro-batch per process; default per method (its registry entry)
     grad_accum: int | None = None  # global batch = batch_size * grad_accum * processes (paper: 4 x 16 = 64)
     seq_len: int | None = None  # Alpaca cut-off / packed text length (paper: 256)
     val_fraction: float = 0.05
@@ -72,6 +69,8 @@ class HealSettings:
     student: str = "lora"  # distill: trainable part of the student, lora or full
     temperature: float = 1.0  # distill
     lm_weight: float = 0.0  # distill: weight of the LM loss beside the KL
+    linear_tokens: int = 16384  # linear: calibration tokens of the least-squares fit
+    linear_ridge: float = 1e-3  # linear: ridge towards the identity, relative to the MLP output's energy
     bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
     reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
     train_on_inputs: bool = False  # Alpaca: also train on the prompt tokens
@@ -82,41 +81,41 @@ class HealSettings:
 
     def for_method(self, method: str) -> "HealSettings":
         """A copy with the fields left unset filled with ``method``'s defaults."""
-        if method not in METHODS:
-            raise ShortenedError(f"unknown healing method '{method}': use {', '.join(METHODS)}")
-        unset = {k: v for k, v in METHOD_DEFAULTS[method].items() if getattr(self, k) is None}
+        from .registry import get_method
+
+        unset = {k: v for k, v in get_method(method).defaults.items() if k != "lr" and getattr(self, k) is None}
         return dataclasses.replace(self, **unset)
 
-    def resolved_lr(self, method: str) -> float:
-        if self.lr is not None:
-            return self.lr
-        return DEFAULT_DISTILL_LR[self.student] if method == "distill" else DEFAULT_LR[method]
+    def resolved_lr(self, method: str) -> float | None:
+        """The learning rate: the one given, else the method's default (None for a training-free method)."""
+        from .registry import get_method
+
+        return self.lr if self.lr is not None else get_method(method).default_lr(self)
 
     def check(self, method: str) -> None:
-        if method not in METHODS:
-            raise ShortenedError(f"unknown healing method '{method}': use {', '.join(METHODS)}")
-        if self.student not in ("lora", "full"):
-            raise ShortenedError(f"--student must be lora or full, got '{self.student}'")
-        lr = self.resolved_lr(method)
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ShortenedError(f"--lr must be a positive number, got {lr}")
-        for name in ("batch_size", "grad_accum", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ShortenedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ShortenedError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if method == "reconstruct":  # checked here too, so that a bad value fails before any loading
-            from .reconstruct import check_options
+        """Refuse settings ``method`` cannot run with (one-line messages naming the CLI flags)."""
+        from .registry import get_method
 
-            check_options(self.bridge_width, self.reconstruct_loss)
-        if self.steps is not None and self.steps < 1:
-            raise ShortenedError(f"--steps must be at least 1, got {self.steps}")
-        if self.steps is None and not self.epochs > 0:
-            raise ShortenedError(f"--epochs must be positive, got {self.epochs}")
+        m = get_method(method)
+        if m.check is not None:  # first: a method's own option may be what makes the rest meaningless
+            m.check(self)
+        if m.trains:
+            lr = self.resolved_lr(method)
+            if not (lr is not None and lr > 0 and math.isfinite(lr)):
+                raise ShortenedError(f"--lr must be a positive number, got {lr}")
+            if self.steps is not None and self.steps < 1:
+                raise ShortenedError(f"--steps must be at least 1, got {self.steps}")
+            if self.steps is None and not self.epochs > 0:
+                raise ShortenedError(f"--epochs must be positive, got {self.epochs}")
+            if self.max_time is not None and not self.max_time > 0:
+                raise ShortenedError(f"--max-time must be positive, got {self.max_time}")
+        for name in ("batch_size", "grad_accum", "lora_r"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ShortenedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len is None or self.seq_len < 2:
+            raise ShortenedError(f"--seq-len must be at least 2, got {self.seq_len}")
         if not 0 <= self.val_fraction < 1:
             raise ShortenedError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_time is not None and not self.max_time > 0:
-            raise ShortenedError(f"--max-time must be positive, got {self.max_time}")
 
 
 @dataclass
@@ -134,7 +133,7 @@ class HealResult:
 def heal(
     model: str | os.PathLike | nn.Module,
     data: str | os.PathLike | HealingData,
-    method: str = "lora",
+    method: str | Sequence[str] = "lora",
     *,
     out: str | os.PathLike | None = None,
     settings: HealSettings | None = None,
@@ -152,118 +151,121 @@ def heal(
 ) -> HealResult:
     """Heal ``model`` (a pruned folder, any model spec, or a loaded model) on ``data``.
 
-    ``data`` is a spec for :func:`load_healing_data` (``alpaca``, ``hf:NAME``, a file or folder) or a
-    ready :class:`HealingData`. Keyword ``overrides`` set :class:`HealSettings` fields. With ``out``
-    the merged model is saved there (atomically) with ``pruning.json`` extended by a ``healing``
-    section, ``adapter/`` (LoRA), ``healing_log.csv`` and ``loss.png``; checkpoints go to
-    ``checkpoint_dir`` (default ``OUT.checkpoints``) and ``resume`` continues from the latest.
-    ``kept`` (reconstruct) gives the teacher's index of each block of ``model``; by default it is read
-    from the input's pruning.json.
+    ``method`` is a registered method or a chain (``"linear,reconstruct"`` or a list): each runs on the
+    previous one's result. ``data`` is a spec for :func:`load_healing_data` (``alpaca``, ``hf:NAME``, a
+    file or folder) or a ready :class:`HealingData`. Keyword ``overrides`` set :class:`HealSettings`
+    fields; fields left unset take each method's defaults. With ``out`` the healed model is saved there
+    (atomically) with ``pruning.json`` extended by a ``healing`` section, ``adapter/`` (LoRA),
+    ``healing_log.csv`` and ``loss.png``; checkpoints go to ``checkpoint_dir`` (default
+    ``OUT.checkpoints``) and ``resume`` continues from the latest. ``kept`` (reconstruct, linear) gives
+    the teacher's index of each block of ``model``; by default it is read from the input's pruning.json.
     """
     from accelerate import Accelerator
 
     from ..io import check_output_dir, library_versions, now_iso
+    from .registry import chain_name, parse_chain
 
-    settings = dataclasses.replace(settings or HealSettings(), **overrides).for_method(method)
-    settings.check(method)
+    chain = parse_chain(method)
+    base = dataclasses.replace(settings or HealSettings(), **overrides)
+    per_method = [base.for_method(m.name) for m in chain]
+    for m, s in zip(chain, per_method):
+        s.check(m.name)
     if out is not None:
         check_output_dir(out, overwrite)  # fail before any slow work
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    accelerator = Accelerator(mixed_precision=base.mixed_precision)
     device = str(accelerator.device)
+    single = [m.name for m in chain if m.one_process]
+    if single and accelerator.num_processes > 1:
+        raise ShortenedError(f"--method {single[0]} runs in one process (it works on a few blocks directly); "
+                             "launch it without accelerate's multi-process mode")
 
     model_spec, record = _describe_input(model)
+    if any(m.needs_kept for m in chain):
+        kept = list(kept) if kept is not None else record.get("kept_blocks")
+        if not isinstance(kept, list) or not kept:
+            raise ShortenedError(f"{model_spec} has no pruning.json with kept_blocks: --method "
+                                 f"{next(m.name for m in chain if m.needs_kept)} needs to know which blocks were "
+                                 "removed (prune with shortened first)")
     if not isinstance(model, nn.Module):
         from ..loading import load_model
 
-        model, loaded_tokenizer = load_model(model_spec, dtype=settings.dtype, device=device)
+        model, loaded_tokenizer = load_model(model_spec, dtype=base.dtype, device=device)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     model.config.use_cache = False
 
-    if isinstance(data, HealingData):
-        dataset = data
-    else:
-        dataset = load_healing_data(data, tokenizer, seq_len=settings.seq_len, val_fraction=settings.val_fraction,
-                                    seed=settings.seed, train_on_inputs=settings.train_on_inputs,
-                                    max_examples=settings.max_examples)
-    if not dataset.train:
-        raise ShortenedError("no training examples")
-
     teacher_spec_used = None
-    trainable = {"full": "full", "lora": "lora", "reconstruct": "bridges"}.get(method, settings.student)
-    if method == "reconstruct":
-        if accelerator.num_processes > 1:
-            raise ShortenedError("--method reconstruct runs in one process (it trains a few blocks directly); "
-                                 "launch it without accelerate's multi-process mode")
-        kept = list(kept) if kept is not None else record.get("kept_blocks")
-        if not isinstance(kept, list) or not kept:
-            raise ShortenedError(f"{model_spec} has no pruning.json with kept_blocks: --method reconstruct needs "
-                                 "to know which blocks were removed (prune with shortened first)")
-        teacher, teacher_spec_used, _ = _load_teacher(teacher, model_spec, settings, device)
-        from .reconstruct import ReconstructObjective
-
-        teacher.to(device)
-        objective: Any = ReconstructObjective(teacher, kept, settings.bridge_width, settings.reconstruct_loss)
-    elif method == "distill":
-        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, settings, device)
-        from .distill import DistillObjective, check_same_vocab
-
+    if any(m.needs_teacher for m in chain):
+        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, base, device)
         teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else loaded_teacher_tokenizer
-        check_same_vocab(model, teacher, tokenizer, teacher_tokenizer)
         teacher.to(device)
-        objective = DistillObjective(teacher, settings.temperature, settings.lm_weight)
-    else:
-        objective = LMObjective()
 
-    if trainable == "bridges":
-        from .reconstruct import make_bridges_trainable
+    datasets: dict[int, HealingData] = {}  # by sequence length: methods of a chain may differ
 
-        trained = make_bridges_trainable(model, objective.bridges)
-    elif trainable == "lora":
-        from .lora import add_lora
+    def dataset_for(s: HealSettings) -> HealingData:
+        if isinstance(data, HealingData):
+            return data
+        if s.seq_len not in datasets:
+            datasets[s.seq_len] = load_healing_data(
+                data, tokenizer, seq_len=s.seq_len, val_fraction=s.val_fraction, seed=s.seed,
+                train_on_inputs=s.train_on_inputs, max_examples=s.max_examples)
+        if not datasets[s.seq_len].train:
+            raise ShortenedError("no training examples")
+        return datasets[s.seq_len]
 
-        trained = add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.seed)
-    else:
-        from .full import make_all_trainable
-
-        trained = make_all_trainable(model)
-
-    global_batch = settings.batch_size * settings.grad_accum * accelerator.num_processes
-    steps = settings.steps or max(1, math.ceil(settings.epochs * len(dataset.train) / global_batch))
-    pad = _pad_id(tokenizer, model)
-    config = TrainConfig(
-        steps=steps, lr=settings.resolved_lr(method), batch_size=settings.batch_size, grad_accum=settings.grad_accum,
-        warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
-        eval_every=settings.eval_every, save_every=settings.save_every, seed=settings.seed, pad_token_id=pad,
-        max_time=settings.max_time,
-    )
     if checkpoint_dir is None and out is not None:
         checkpoint_dir = f"{os.fspath(out).rstrip('/')}.checkpoints"
-    run = train(trained, objective, dataset.train, dataset.val, config, accelerator=accelerator,
-                checkpoint_dir=checkpoint_dir, resume=resume, on_step=on_step, progress=progress)
-    trained = accelerator.unwrap_model(trained)
-    if run.best_state is not None and run.best_step != run.step:
-        load_trainable_state(trained, run.best_state)
-
-    healing = {
-        "method": method,
-        "trainable": trainable,
-        "created": now_iso(),
-        "input": model_spec,
-        "data": dataset.describe(),
-        "teacher": teacher_spec_used,
-        "settings": {**dataclasses.asdict(settings), "lr": config.lr, "steps": steps,
-                     "warmup_steps_effective": min(config.warmup_steps, steps), "global_batch": global_batch,
-                     "processes": accelerator.num_processes, "eval_every": config.eval_interval},
-        "steps_done": run.step,
-        "stopped_early": run.stopped_early,
-        "seconds": round(run.seconds, 2),
-        "best_step": run.best_step if run.best_state is not None else run.step,
-        "best_val_loss": run.best_val_loss,
-        "val_loss_before": run.val_log[0]["val_loss"] if run.val_log and run.val_log[0]["step"] == 0 else None,
-        "train_log": run.train_log,
-        "val_log": run.val_log,
-        "versions": library_versions(),
-    }
+    sections: list[dict[str, Any]] = []
+    run = TrainResult(step=0)
+    pad = _pad_id(tokenizer, model)
+    for k, (m, s) in enumerate(zip(chain, per_method)):
+        last = k == len(chain) - 1
+        dataset = dataset_for(s)
+        start = time.perf_counter()
+        context = HealContext(model=model, tokenizer=tokenizer, settings=s, data=dataset, teacher=teacher,
+                              teacher_tokenizer=teacher_tokenizer, kept=kept, device=device, progress=progress)
+        prepared = m.prepare(context)
+        section: dict[str, Any] = {"method": m.name, "trainable": prepared.trainable, "created": now_iso(),
+                                   "input": model_spec, "data": dataset.describe(), "teacher": teacher_spec_used}
+        trained = prepared.model
+        if prepared.objective is None:
+            stage_run = TrainResult(step=0, seconds=time.perf_counter() - start)
+            section.update(settings=_settings_record(s, m, None, accelerator.num_processes), steps_done=0,
+                           stopped_early=False, seconds=round(stage_run.seconds, 2), best_step=None,
+                           best_val_loss=None, val_loss_before=None, train_log=[], val_log=[])
+        else:
+            global_batch = s.batch_size * s.grad_accum * accelerator.num_processes
+            steps = s.steps or max(1, math.ceil(s.epochs * len(dataset.train) / global_batch))
+            config = TrainConfig(
+                steps=steps, lr=s.resolved_lr(m.name), batch_size=s.batch_size, grad_accum=s.grad_accum,
+                warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
+                eval_every=s.eval_every, save_every=s.save_every, seed=s.seed, pad_token_id=pad,
+                max_time=s.max_time)
+            ckpt = checkpoint_dir
+            if ckpt is not None and len(chain) > 1:
+                ckpt = Path(ckpt) / f"{k}-{m.name}"  # each stage of a chain resumes on its own
+            stage_run = train(trained, prepared.objective, dataset.train, dataset.val, config,
+                              accelerator=accelerator, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
+                              progress=progress)
+            trained = accelerator.unwrap_model(trained)
+            if stage_run.best_state is not None and stage_run.best_step != stage_run.step:
+                load_trainable_state(trained, stage_run.best_state)
+            section.update(
+                settings={**_settings_record(s, m, config, accelerator.num_processes), "steps": steps,
+                          "global_batch": global_batch},
+                steps_done=stage_run.step, stopped_early=stage_run.stopped_early,
+                seconds=round(stage_run.seconds, 2),
+                best_step=stage_run.best_step if stage_run.best_state is not None else stage_run.step,
+                best_val_loss=stage_run.best_val_loss,
+                val_loss_before=(stage_run.val_log[0]["val_loss"]
+                                 if stage_run.val_log and stage_run.val_log[0]["step"] == 0 else None),
+                train_log=stage_run.train_log, val_log=stage_run.val_log)
+            run = stage_run
+        section.update(prepared.extra)
+        section["versions"] = library_versions()
+        sections.append(section)
+        if not last:  # the next method starts from the plain healed model
+            model = prepared.finalize(trained)
+    healing = sections[0] if len(sections) == 1 else _chain_section(chain_name(chain), sections)
     if "healing" in record:
         record["healing_history"] = record.get("healing_history", []) + [record.pop("healing")]
     record["healing"] = healing
@@ -274,33 +276,49 @@ def heal(
         from .report import plot_losses, write_loss_csv
 
         with atomic_output_dir(out, overwrite) as tmp:
-            if trainable == "lora":
+            if prepared.adapter:
                 trained.save_pretrained(tmp / ADAPTER_DIR)
-            final = _merged(trained, trainable)
+            final = prepared.finalize(trained)
             # save_model writes a complete folder; stage it inside and move its files up beside adapter/.
             staged = save_model(final, tokenizer, tmp / ".model", record)
             for item in staged.iterdir():
                 os.replace(item, tmp / item.name)
             staged.rmdir()
-            write_loss_csv(tmp / LOG_CSV, run.train_log, run.val_log)
-            plot_losses(tmp / PLOT, run.train_log, run.val_log, title=f"shortened heal --method {method}",
-                        best_step=healing["best_step"])
-        adapter = Path(out) / ADAPTER_DIR if trainable == "lora" else None
+            if run.train_log or run.val_log:
+                write_loss_csv(tmp / LOG_CSV, run.train_log, run.val_log)
+                plot_losses(tmp / PLOT, run.train_log, run.val_log,
+                            title=f"shortened heal --method {healing['method']}", best_step=healing["best_step"])
+        adapter = Path(out) / ADAPTER_DIR if prepared.adapter else None
         if checkpoint_dir is not None and not keep_checkpoints:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     else:
-        final = _merged(trained, trainable)
+        final = prepared.finalize(trained)
     accelerator.wait_for_everyone()
     final.eval()
     return HealResult(final, tokenizer, record, run, Path(out) if out is not None else None, {"adapter": adapter})
 
 
-def _merged(trained: nn.Module, trainable: str) -> nn.Module:
-    if trainable != "lora":
-        return trained
-    from .lora import merge_lora
+def _settings_record(s: HealSettings, method: Any, config: TrainConfig | None, processes: int) -> dict[str, Any]:
+    """The settings of one method's run as recorded: every field, plus what the loop made of them."""
+    record = {**dataclasses.asdict(s), "processes": processes}
+    if config is not None:
+        record.update(lr=config.lr, warmup_steps_effective=min(config.warmup_steps, config.steps),
+                      eval_every=config.eval_interval)
+    else:  # training-free: no learning rate, steps or batches of the loop
+        record.update(lr=None)
+    return record
 
-    return merge_lora(trained)
+
+def _chain_section(name: str, sections: list[dict[str, Any]]) -> dict[str, Any]:
+    """One healing section for a chain: the last training stage's figures, every stage in ``stages``."""
+    trained = [s for s in sections if s["train_log"] or s["val_log"]]
+    main = trained[-1] if trained else sections[-1]
+    keep = ("steps_done", "stopped_early", "best_step", "best_val_loss", "val_loss_before", "train_log", "val_log")
+    return {"method": name, "trainable": "+".join(s["trainable"] for s in sections), "created": sections[-1]["created"],
+            "input": sections[0]["input"], "data": sections[0]["data"], "teacher": sections[0]["teacher"],
+            "settings": {s["method"]: s["settings"] for s in sections},
+            **{k: main[k] for k in keep}, "seconds": round(sum(s["seconds"] for s in sections), 2),
+            "stages": sections, "versions": sections[-1]["versions"]}
 
 
 def _describe_input(model: str | os.PathLike | nn.Module) -> tuple[str, dict[str, Any]]:
@@ -337,4 +355,5 @@ def _pad_id(tokenizer: Any, model: nn.Module) -> int:
     return 0
 
 
-__all__ = ["HealResult", "HealSettings", "HealingData", "METHODS", "heal", "load_healing_data"]
+__all__ = ["HealMethod", "HealResult", "HealSettings", "HealingData", "describe_methods", "get_method", "heal",
+           "load_healing_data", "methods", "parse_chain"]

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import ShortenedError
 from ..io import RECORD_FILE, read_json
 from .loop import forward_logits, lm_loss_sum
+from .registry import PAPER_BATCH, HealContext, HealMethod, Prepared
 
 
 class DistillObjective:
@@ -84,3 +85,37 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tokenizer: 
     if student_tokenizer is not None and teacher_tokenizer is not None:
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise ShortenedError("the teacher's tokenizer differs from the student's: distillation needs the same tokenizer")
+
+
+#: Default learning rate by trainable part of the student.
+DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
+
+
+def _prepare(ctx: HealContext) -> Prepared:
+    s = ctx.settings
+    check_same_vocab(ctx.model, ctx.teacher, ctx.tokenizer, ctx.teacher_tokenizer)
+    objective = DistillObjective(ctx.teacher, s.temperature, s.lm_weight)
+    if s.student == "lora":
+        from .lora import add_lora, merge_lora
+
+        model = add_lora(ctx.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.seed)
+        return Prepared(model, objective, "lora", finalize=merge_lora, adapter=True)
+    from .full import make_all_trainable
+
+    return Prepared(make_all_trainable(ctx.model), objective, "full")
+
+
+def _check(settings) -> None:
+    if settings.student not in DEFAULT_LR:
+        raise ShortenedError(f"--student must be lora or full, got '{settings.student}'")
+
+
+METHOD = HealMethod(
+    name="distill",
+    summary="the student (--student lora|full) matches the unpruned model's next-token distributions (KL)",
+    prepare=_prepare,
+    defaults=dict(PAPER_BATCH),
+    needs_teacher=True,
+    lr_rule=lambda settings: DEFAULT_LR[settings.student],
+    check=_check,
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .loop import LMObjective
+from .registry import PAPER_BATCH, HealMethod, Prepared
 
 
 def make_all_trainable(model: nn.Module) -> nn.Module:
@@ -17,3 +18,11 @@ def make_all_trainable(model: nn.Module) -> nn.Module:
 def full_objective() -> LMObjective:
     """The language-modelling loss of continued pre-training."""
     return LMObjective()
+
+
+METHOD = HealMethod(
+    name="full",
+    summary="continued pre-training of every weight (next-token loss on text)",
+    prepare=lambda ctx: Prepared(make_all_trainable(ctx.model), full_objective(), "full"),
+    defaults={"lr": 2e-5, **PAPER_BATCH},
+)

@@ -9,6 +9,8 @@ from torch import nn
 
 from ..archs import get_arch
 from ..errors import ShortenedError
+from .loop import LMObjective
+from .registry import PAPER_BATCH, HealContext, HealMethod, Prepared
 
 #: The paper's LoRA settings (Kim et al. 2024, following alpaca-lora).
 PAPER_LORA = dict(r=8, alpha=16, dropout=0.05)
@@ -47,3 +49,18 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
 def merge_lora(peft_model: Any) -> nn.Module:
     """Fold the adapters into the base weights and return the plain transformers model."""
     return peft_model.merge_and_unload()
+
+
+
+def _prepare(ctx: HealContext) -> Prepared:
+    s = ctx.settings
+    return Prepared(add_lora(ctx.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.seed), LMObjective(), "lora",
+                    finalize=merge_lora, adapter=True)
+
+
+METHOD = HealMethod(
+    name="lora",
+    summary="the paper's recipe: LoRA (r 8, alpha 16) on the attention and MLP projections, merged at the end",
+    prepare=_prepare,
+    defaults={"lr": 1e-4, **PAPER_BATCH},
+)

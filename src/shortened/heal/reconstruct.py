@@ -30,6 +30,7 @@ from torch import nn
 from ..archs import get_arch, get_blocks
 from ..engine import _Call, call_block, split_block_call, without_cache
 from ..errors import ShortenedError
+from .registry import HealContext, HealMethod, Prepared
 
 
 @dataclass(frozen=True)
@@ -196,3 +197,22 @@ class ReconstructObjective:
                 scale = (sq_norm * mask).sum() / mask.sum().clamp_min(1)
                 total = total + (sq_err * mask).sum() / scale.clamp_min(1e-12)
         return total.reshape(1)
+
+
+def _prepare(ctx: HealContext) -> Prepared:
+    objective = ReconstructObjective(ctx.teacher, ctx.kept, ctx.settings.bridge_width, ctx.settings.reconstruct_loss)
+    return Prepared(make_bridges_trainable(ctx.model, objective.bridges), objective, "bridges")
+
+
+METHOD = HealMethod(
+    name="reconstruct",
+    summary="block-local: the kept blocks around each removed run learn the unpruned model's hidden state "
+            "after it (fastest per token)",
+    prepare=_prepare,
+    # its best measured run (benchmarks/results/healing.md): many short steps
+    defaults={"lr": 3e-3, "batch_size": 8, "grad_accum": 1, "seq_len": 128, "warmup_steps": 10},
+    needs_teacher=True,
+    needs_kept=True,
+    one_process=True,
+    check=lambda settings: check_options(settings.bridge_width, settings.reconstruct_loss),
+)
