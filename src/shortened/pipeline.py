@@ -370,9 +370,12 @@ def _jsonable(obj: Any) -> Any:
 
 def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every stage of ``config`` and return the output folder."""
+    from .io import output_lock
+
     config.check()
     _check_output(config)
-    return Pipeline(config, log).run()
+    with output_lock(config.out):  # a second run into the same folder fails at start
+        return Pipeline(config, log).run()
 
 
 def _check_output(config: RunConfig) -> None:

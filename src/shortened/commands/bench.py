@@ -40,13 +40,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import claim_outputs
+
+    with claim_outputs([args.out, Path(args.out).with_suffix(".png")], overwrite=args.overwrite):  # before any work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..bench import format_bench, plot_bench, run_benchmark
     from ..errors import ShortenedError
-    from ..io import library_versions, now_iso, write_json
+    from ..io import library_versions, now_iso, write_file, write_json
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ShortenedError(f"output {out} already exists; pass --overwrite to replace it")
     batch_sizes = parse_int_list(args.batch_sizes, "batch sizes")
     output_lens = parse_int_list(args.output_lens, "output lengths")
     for name, values in (("batch size", batch_sizes), ("output length", output_lens), ("prompt length", [args.prompt_len]),
@@ -69,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         result["models"]["baseline"]["model"] = args.baseline
     result.update(command=shlex.join(["shortened", *sys.argv[1:]]) if sys.argv else "",
                   created=now_iso(), versions=library_versions())
-    write_json(out, result)
+    write_json(out, result, overwrite=args.overwrite)
     plot = out.with_suffix(".png")
-    plot_bench(result, str(plot))
+    write_file(plot, lambda tmp: plot_bench(result, str(tmp)), overwrite=args.overwrite)
     print(format_bench(result))
     print(f"\nwrote {out} and {plot}")
     return 0

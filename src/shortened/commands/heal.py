@@ -97,6 +97,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ..io import check_writable, claim_outputs
+
+    check_writable(args.checkpoint_dir or f"{args.out.rstrip('/')}.checkpoints")
+    main_process = PartialState().is_main_process  # under accelerate launch, only it writes OUT
+    with claim_outputs([args.out] if main_process else [], overwrite=args.overwrite, kind="dir"):  # before any work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..heal import HealSettings, heal
 
     settings = HealSettings(
