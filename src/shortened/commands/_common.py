@@ -38,17 +38,19 @@ def load_from_args(args: argparse.Namespace, *, blocks_on_disk: bool = False) ->
 
 def parse_int_list(text: str, what: str = "block indices") -> list[int]:
     """Parse ``"20,21,22"`` (ranges like ``4-7`` allowed) with a one-line error on bad input."""
+    if not text.strip():
+        raise ShortenedError(f"no {what} given")
     values: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
-            continue
+            raise ShortenedError(f"cannot read {what} from '{text}': an empty item between commas")
         span = re.fullmatch(r"(\d+)-(\d+)", part)
+        if span and int(span[1]) > int(span[2]):
+            raise ShortenedError(f"the range {part} in '{text}' is reversed: write {span[2]}-{span[1]}")
         try:
             values.extend(range(int(span[1]), int(span[2]) + 1) if span else [int(part)])
         except ValueError:
             raise ShortenedError(f"cannot read {what} from '{text}': expected e.g. 20,21,22 or 4-7") from None
-    if not values:
-        raise ShortenedError(f"no {what} given")
     return values
 
 
