@@ -84,6 +84,10 @@ def calibration_data(
     for name, v, low in (("n-samples", n_samples, 1), ("seq-len", seq_len, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ShortenedError(f"--{name} must be an integer >= {low}, got {v}")
+    if model is not None:
+        from .archs import check_seq_len
+
+        check_seq_len(model, seq_len)
     source = str(source)
     info: dict[str, Any] = {"source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
     if source == "self":

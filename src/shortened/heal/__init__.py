@@ -182,6 +182,9 @@ def heal(
     if isinstance(data, HealingData):
         dataset = data
     else:
+        from ..archs import check_seq_len
+
+        check_seq_len(model, settings.seq_len)
         dataset = load_healing_data(data, tokenizer, seq_len=settings.seq_len, val_fraction=settings.val_fraction,
                                     seed=settings.seed, train_on_inputs=settings.train_on_inputs,
                                     max_examples=settings.max_examples)
