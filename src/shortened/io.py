@@ -216,7 +216,10 @@ def atomic_outputs(paths: Sequence[str | os.PathLike], *, overwrite: bool = Fals
     A target that appeared meanwhile is not replaced without ``overwrite``: the results are moved to a
     ``NAME.unsaved-*`` folder that the error names, and no target is touched.
     """
-    with claim_outputs(paths, overwrite=overwrite, kind=kind) as outs:
+    # A target claimed earlier (a command claims its outputs first) that exists now appeared meanwhile:
+    # it is refused at the end, so that the work of the block is kept.
+    claimed = all(os.path.abspath(p) in _HELD for p in paths)
+    with claim_outputs(paths, overwrite=overwrite or claimed, kind=kind) as outs:
         tmps: list[Path] = []
         try:
             for out in outs:
