@@ -247,11 +247,12 @@ def test_run_removes_stale_stage_temporaries_but_not_live_ones(folder, tmp_path,
     stale = out / "stages" / ".scores.tmp-killed"
     stale.mkdir(parents=True)
     (stale / "half-written.safetensors").write_bytes(b"x" * 100)
-    live = out / "stages" / ".healed.tmp-live"
+    holder = _holder(out / "stages" / "healed")  # a live process writing that stage...
+    live = out / "stages" / ".healed.tmp-live"  # ...into its temporary
     live.mkdir()
-    holder = _holder(out / "stages" / "healed")  # a live process writing that stage
     try:
-        code, err = cli(capsys, "run", folder, "--criterion", "magnitude", "--num-blocks", "1", "--eval", "heldout",
+        code, err = cli(capsys, "run", folder, "--criterion", "magnitude", "--num-blocks", "1", "--protect-first", "0",
+                        "--protect-last", "0", "--eval", "heldout",
                         "--seq-len", "16", "--eval-seq-len", "8", "--bench", "none", "--out", out)
         assert code == 0, err
         assert not stale.exists(), "the stale temporary of a killed stage was kept"

@@ -7,11 +7,13 @@ model can be saved and trained like any other.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,27 @@ def resolve_alias(name: str) -> Path:
         if path.is_file():
             return path
     raise ShortenedError(f"package {package} is installed but has no {filename}: reinstall it ({install})")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded: the options of the CLI's "loading" group, the same for every command, for
+    ``run``'s stages, ``bench``'s worker processes and ``heal`` (student and teacher)."""
+
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    cache_dir: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`load_model`."""
+        return dataclasses.asdict(self)
+
+    def load(self, spec: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, Any]:
+        """:func:`load_model` of ``spec`` with these options (``overrides`` replace some of them)."""
+        return load_model(spec, **{**self.kwargs(), **overrides})
 
 
 def load_model(

@@ -68,7 +68,8 @@ class RunConfig:
     bench_output_lens: Sequence[int] = (128,)
     bench_repeats: int = 3
     # loading and control
-    load: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)  # the fields of loading.LoadOptions
+    progress: bool = True
     force: bool = False
     push_to_hub: str | None = None
 
@@ -170,10 +171,10 @@ class Pipeline:
             sel = dict(num_blocks=self.c.num_blocks, ratio=self.c.ratio,
                        protect_first=self.c.protect_first, protect_last=self.c.protect_last)
             if self.c.iterative:
-                plan, history = iterative_select(model, ids, self.c.criterion, **sel)
+                plan, history = iterative_select(model, ids, self.c.criterion, progress=self.c.progress, **sel)
                 scores = history[0]
             else:
-                scores = score_blocks(model, ids, self.c.criterion)
+                scores = score_blocks(model, ids, self.c.criterion, progress=self.c.progress)
                 plan = select_blocks(scores, contiguous=self.c.contiguous, **sel)
             record = scores_record(self.c.model, model, scores, calib)
             write_scores_files(record, output_paths(str(tmp / "scores.json")), highlight=plan.remove)
@@ -228,11 +229,12 @@ class Pipeline:
 
         def work(tmp: Path) -> None:
             from .heal import heal
+            from .loading import LoadOptions
 
             teacher = self.dense()[0] if self.c.heal in ("distill", "reconstruct") else None
             out = tmp / "model"
             heal(str(pruned), data, self.c.heal, out=out, teacher=teacher, checkpoint_dir=tmp / "checkpoints",
-                 **self.c.heal_options)
+                 load=LoadOptions(**self.c.load), progress=self.c.progress, **self.c.heal_options)
             for item in out.iterdir():
                 os.replace(item, tmp / item.name)
             out.rmdir()
@@ -268,7 +270,7 @@ class Pipeline:
             model, tokenizer = self.dense() if folder is None else self._load(folder)
             result = evaluate(model, tokenizer, ppl=ppl, tasks=self._eval_tasks, data_dir=self.c.data_dir,
                               limit=self.c.eval_limit, batch_size=self.c.eval_batch_size,
-                              seq_len=self.c.eval_seq_len, name=name)
+                              seq_len=self.c.eval_seq_len, name=name, progress=self.c.progress)
             write_json(tmp / "results.json", result)
 
         done = self.stages.run(f"eval-{role}", settings, work)

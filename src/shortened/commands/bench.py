@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._common import HelpFormatter, add_model_args, parse_int_list
+from ._common import HelpFormatter, add_model_args, load_options, parse_int_list
 
 EXAMPLES = """examples:
   shortened bench runs/p --baseline smollm2-135m --batch-sizes 1,8 --output-lens 128 --out bench.json
@@ -64,8 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     model, baseline = (_resolve(s, args.cache_dir) for s in (args.model, args.baseline))
     result = run_benchmark(
         model, baseline,
-        load_kwargs=dict(dtype=args.dtype, device=args.device, device_map=args.device_map,
-                         cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code),
+        load_kwargs=load_options(args).kwargs(),  # every worker process loads with the command's options
         batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=args.prompt_len,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, interleave=not args.sequential,
     )

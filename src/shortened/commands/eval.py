@@ -5,11 +5,10 @@ side by side."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from ._common import HelpFormatter, add_model_args, load_from_args
+from ._common import HelpFormatter, add_data_dir_arg, add_model_args, add_progress_arg, load_from_args
 
 EXAMPLES = """examples:
   shortened eval smollm2-135m --data-dir ../shared/data --out runs/dense.json
@@ -40,9 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="perplexity sets: wikitext2, ptb and/or paths of UTF-8 text files; 'none' for no perplexity")
     what.add_argument("--tasks", default=",".join(PAPER_TASKS),
                       help="zero-shot tasks (of: " + ", ".join(PAPER_TASKS) + "); 'none' for no tasks")
-    what.add_argument("--data-dir", default=os.environ.get("SHORTENED_DATA"),
-                      help="folder of the original data files (layout of ../shared/data); "
-                           "default $SHORTENED_DATA, else the Hugging Face Hub")
+    add_data_dir_arg(what)
     what.add_argument("--limit", type=int, default=None,
                       help="first N chunks per perplexity set and first N items per task (quick runs)")
     how = p.add_argument_group("how")
@@ -54,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--table", default=None, help="also write the Markdown table to this file")
     out.add_argument("--name", default=None, help="the model's name in the table; MODEL when not given")
     out.add_argument("--overwrite", action="store_true", help="replace existing --out/--table files")
-    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(out)
     out.add_argument("--compare", nargs="+", metavar="RESULTS", default=None,
                      help="print the table of these results files side by side (no model is loaded)")
     p.set_defaults(func=run)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShortenedError
-from ._common import HelpFormatter, add_model_args, load_from_args
+from ._common import HelpFormatter, add_model_args, add_progress_arg, load_from_args
 
 EXAMPLES = """examples:
   shortened score smollm2-135m --criterion ppl --calib data/books/ --out runs/ppl.json
@@ -50,7 +50,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: boo
                      help="bring one block at a time to the accelerator (--device): 'cpu' (the default when "
                           "given without a value) keeps the blocks in memory, 'disk' keeps them in the model's "
                           "safetensors files and reads each when visited (models larger than memory)")
-    eng.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_arg(eng)
 
 
 def criterion_options(args: argparse.Namespace) -> dict[str, Any]:

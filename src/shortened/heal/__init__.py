@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ShortenedError
+from ..loading import LoadOptions
 from .data import HealingData, load_healing_data
 from .loop import LMObjective, TrainConfig, TrainResult, load_trainable_state, train
 
@@ -148,6 +149,7 @@ def heal(
     keep_checkpoints: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     progress: bool = True,
+    load: LoadOptions | None = None,
     **overrides: Any,
 ) -> HealResult:
     """Heal ``model`` (a pruned folder, any model spec, or a loaded model) on ``data``.
@@ -158,24 +160,27 @@ def heal(
     section, ``adapter/`` (LoRA), ``healing_log.csv`` and ``loss.png``; checkpoints go to
     ``checkpoint_dir`` (default ``OUT.checkpoints``) and ``resume`` continues from the latest.
     ``kept`` (reconstruct) gives the teacher's index of each block of ``model``; by default it is read
-    from the input's pruning.json.
+    from the input's pruning.json. ``load`` is how the model and the teacher are loaded (its dtype
+    replaces the settings'; accelerate places the model, so its device map is not used and a device
+    other than ``cpu`` is accelerate's).
     """
     from accelerate import Accelerator
 
     from ..io import check_output_dir, library_versions, now_iso
 
     settings = dataclasses.replace(settings or HealSettings(), **overrides).for_method(method)
+    if load is not None:
+        settings = dataclasses.replace(settings, dtype=load.dtype)
     settings.check(method)
+    load = dataclasses.replace(load or LoadOptions(dtype=settings.dtype), device_map=None)
     if out is not None:
         check_output_dir(out, overwrite)  # fail before any slow work
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=load.device == "cpu")
     device = str(accelerator.device)
 
     model_spec, record = _describe_input(model)
     if not isinstance(model, nn.Module):
-        from ..loading import load_model
-
-        model, loaded_tokenizer = load_model(model_spec, dtype=settings.dtype, device=device)
+        model, loaded_tokenizer = load.load(model_spec, device=device)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     model.config.use_cache = False
 
@@ -201,13 +206,13 @@ def heal(
         if not isinstance(kept, list) or not kept:
             raise ShortenedError(f"{model_spec} has no pruning.json with kept_blocks: --method reconstruct needs "
                                  "to know which blocks were removed (prune with shortened first)")
-        teacher, teacher_spec_used, _ = _load_teacher(teacher, model_spec, settings, device)
+        teacher, teacher_spec_used, _ = _load_teacher(teacher, model_spec, load, device)
         from .reconstruct import ReconstructObjective
 
         teacher.to(device)
         objective: Any = ReconstructObjective(teacher, kept, settings.bridge_width, settings.reconstruct_loss)
     elif method == "distill":
-        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, settings, device)
+        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, load, device)
         from .distill import DistillObjective, check_same_vocab
 
         teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else loaded_teacher_tokenizer
@@ -320,15 +325,14 @@ def _describe_input(model: str | os.PathLike | nn.Module) -> tuple[str, dict[str
     return spec, {"format_version": 1, "tool": "shortened", "source": spec, "selection": None}
 
 
-def _load_teacher(teacher: Any, model_spec: str, settings: HealSettings, device: str) -> tuple[nn.Module, str, Any]:
+def _load_teacher(teacher: Any, model_spec: str, load: LoadOptions, device: str) -> tuple[nn.Module, str, Any]:
     """The teacher model, its spec, and its tokenizer (None when given as a module)."""
     if isinstance(teacher, nn.Module):
         return teacher, str(getattr(teacher.config, "_name_or_path", "") or "<in-memory teacher>"), None
-    from ..loading import load_model
     from .distill import teacher_spec
 
     spec = os.fspath(teacher) if teacher is not None else teacher_spec(model_spec)
-    model, tok = load_model(spec, dtype=settings.dtype, device=device)
+    model, tok = load.load(spec, device=device)
     return model, spec, tok
 
 
