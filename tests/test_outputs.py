@@ -197,7 +197,7 @@ def test_unwritable_output_is_refused_before_any_work(command, where, folder, te
 @pytest.mark.parametrize("command", ["score", "prune", "eval", "heal"])
 def test_seq_len_beyond_the_position_limit_is_refused(command, folder, text, tmp_path, capsys):
     argv = {
-        "score": ["score", folder, "--criterion", "ppl", "--calib", text, "--seq-len", "100000",
+        "score": ["score", folder, "--criterion", "ppl", "--calib", text, "--seq-len", "500",  # the text has 600
                   "--out", tmp_path / "s.json"],
         "prune": ["prune", folder, "--criterion", "ppl", "--calib", "self", "--seq-len", "129", "--num-blocks", "1",
                   "--out", tmp_path / "p"],

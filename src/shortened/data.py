@@ -84,15 +84,12 @@ def calibration_data(
     for name, v, low in (("n-samples", n_samples, 1), ("seq-len", seq_len, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ShortenedError(f"--{name} must be an integer >= {low}, got {v}")
-    if model is not None:
-        from .archs import check_seq_len
-
-        check_seq_len(model, seq_len)
     source = str(source)
     info: dict[str, Any] = {"source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
     if source == "self":
         if model is None:
             raise ShortenedError("--calib self samples text from the model, so it needs the model")
+        _check_position_limit(model, seq_len)  # before generating: far too long would not end
         ids = _self_generated(model, tokenizer, n_samples, seq_len, seed)
         info["kind"] = "self"
     else:
@@ -103,8 +100,16 @@ def calibration_data(
         else:
             ids, extra = _from_files(source, tokenizer, n_samples, seq_len, seed)
         info.update(extra)
+        _check_position_limit(model, seq_len)  # after the text: a text too short for seq_len says so first
     info["ids_sha256"] = hashlib.sha256(ids.numpy().astype("int64").tobytes()).hexdigest()
     return Calibration(ids=ids, info=info)
+
+
+def _check_position_limit(model: Any, seq_len: int) -> None:
+    if model is not None:
+        from .archs import check_seq_len
+
+        check_seq_len(model, seq_len)
 
 
 # ------------------------------------------------------------------------------------------ local files
