@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ShortenedError
-from .io import RECORD_FILE, read_json, write_json
+from .io import RECORD_FILE, read_json, write_json, write_text
 from .stages import StageRunner
 
 #: Files of the final model copied (hard-linked when possible) from its stage folder to OUT.
@@ -340,7 +340,7 @@ class Pipeline:
         notes = [HELDOUT_NOTE] if "heldout" in self._eval_ppl else []
         card = model_card(record, evaluations=evaluations, bench=bench, plots=plots,
                           license=source_license(self.c.model, local), notes=notes)
-        (self.out / "README.md").write_text(card)
+        write_text(self.out / "README.md", card)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
