@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ShortenedError
-from .io import RECORD_FILE, read_json, write_json, write_text
+from .io import RECORD_FILE, read_json, write_file, write_json, write_text
 from .stages import StageRunner
 
 #: Files of the final model copied (hard-linked when possible) from its stage folder to OUT.
@@ -346,14 +346,15 @@ class Pipeline:
 def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists() and os.path.samefile(src, dst):
         return  # already linked (renaming a hard link onto itself would leave the temporary name behind)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+
+    def link(tmp: Path) -> None:
+        tmp.unlink()  # the atomic writer's empty temporary: the link takes its name
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+
+    write_file(dst, link)
 
 
 def _slug(text: str) -> str:
