@@ -296,12 +296,3 @@ def test_gguf_with_valid_magic_and_corrupt_body_is_one_line_naming_the_file(tmp_
         assert code == 2 and f"{bad} is not a readable GGUF file (corrupt or truncated" in err, err
         assert "JSON" not in err
     assert not cache.exists() and not (tmp_path / "p").exists()
-
-
-def test_heal_takes_the_loading_options(folder):
-    from shortened.cli import build_parser
-
-    args = build_parser().parse_args(["heal", str(folder), "--data", "x", "--out", "y", "--trust-remote-code",
-                                      "--revision", "main", "--dtype", "float32"])
-    assert (args.trust_remote_code, args.revision, args.dtype) == (True, "main", "float32")
-
