@@ -41,6 +41,9 @@ class ArchSpec:
     per_layer_config_lists: tuple[str, ...] = ()
     #: Attributes of any submodule of a block that hold that block's index (e.g. the KV-cache slot).
     layer_index_attrs: tuple[str, ...] = ("layer_idx",)
+    #: Config field of the longest sequence the position embeddings cover (attribute maps such as GPT-2's
+    #: ``n_positions`` resolve); sequence lengths are checked against it before any work.
+    position_limit_field: str = "max_position_embeddings"
     #: Config field of a logit soft-cap applied after the head (Gemma 2/3), if any.
     logit_softcap_field: str | None = None
     #: Names of the linear projections inside a block (attention and MLP), for LoRA.
@@ -118,6 +121,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         head=("transformer.ln_f", "lm_head"),
         embed="transformer.wte",
         layer_count_field="n_layer",
+        position_limit_field="n_positions",
         lora_targets=("c_attn", "c_proj", "c_fc"),
         mlp_out="mlp.c_proj",
         # GPT-2 can scale attention by 1/(layer_idx+1); a renumbered block would change its function.
@@ -238,3 +242,19 @@ def num_blocks(model: nn.Module, spec: ArchSpec | None = None) -> int:
     """Number of transformer blocks."""
     return len(get_blocks(model, spec))
 
+
+
+def position_limit(model: nn.Module, spec: ArchSpec | None = None) -> int | None:
+    """The longest sequence ``model``'s position embeddings cover, or None when its config does not say."""
+    spec = spec or get_arch(model)
+    limit = getattr(model.config, spec.position_limit_field, None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse a sequence length beyond the model's position limit (it would fail or crawl deep in the work)."""
+    spec = get_arch(model)
+    limit = position_limit(model, spec)
+    if limit is not None and seq_len > limit:
+        raise ShortenedError(f"{flag} {seq_len} is longer than the model's position limit of {limit} tokens "
+                             f"(config {spec.position_limit_field}); use at most {limit}")

@@ -21,8 +21,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ import torch
 from .errors import ShortenedError
 
 TEXT_SUFFIXES = (".txt", ".text")
+#: Encodings of text files, tried in order: UTF-8, else cp1252 (older Project Gutenberg files).
+TEXT_ENCODINGS = ("utf-8", "cp1252")
 JSONL_SUFFIXES = (".jsonl",)
 
 #: Short names of Hub datasets: (path, config, split, load_dataset extra kwargs).
@@ -85,6 +89,7 @@ def calibration_data(
     if source == "self":
         if model is None:
             raise ShortenedError("--calib self samples text from the model, so it needs the model")
+        _check_position_limit(model, seq_len)  # before generating: far too long would not end
         ids = _self_generated(model, tokenizer, n_samples, seq_len, seed)
         info["kind"] = "self"
     else:
@@ -95,8 +100,16 @@ def calibration_data(
         else:
             ids, extra = _from_files(source, tokenizer, n_samples, seq_len, seed)
         info.update(extra)
+        _check_position_limit(model, seq_len)  # after the text: a text too short for seq_len says so first
     info["ids_sha256"] = hashlib.sha256(ids.numpy().astype("int64").tobytes()).hexdigest()
     return Calibration(ids=ids, info=info)
+
+
+def _check_position_limit(model: Any, seq_len: int) -> None:
+    if model is not None:
+        from .archs import check_seq_len
+
+        check_seq_len(model, seq_len)
 
 
 # ------------------------------------------------------------------------------------------ local files
@@ -120,39 +133,86 @@ def find_files(source: str) -> list[Path]:
     return files
 
 
-def read_text(path: Path) -> str:
-    """A text file as one string: UTF-8 (else cp1252), LF line ends, Gutenberg boilerplate removed."""
-    raw = path.read_bytes()
+def read_text(path: str | os.PathLike, *, encodings: Sequence[str] = TEXT_ENCODINGS, gutenberg: bool = True) -> str:
+    """A text file as one string, the one reader of every text input (calibration, healing data,
+    evaluation texts): decoded with the first of ``encodings`` that fits (UTF-8: a BOM is dropped;
+    cp1252: undefined bytes become U+FFFD), LF line ends, and with ``gutenberg`` a Project Gutenberg
+    header and footer stripped (:func:`strip_gutenberg`).
+
+    A file that is not text is refused with one line naming it and saying why: NUL bytes (binary data,
+    UTF-16), or more than 1% of its bytes control characters or bytes that no encoding of ``encodings``
+    defines (random bytes decode as cp1252 otherwise).
+    """
+    path = Path(path).expanduser()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ShortenedError(f"text file not found: {path}") from None
+    except OSError as exc:
+        raise ShortenedError(f"cannot read {path}: {exc.strerror or exc}") from None
+    text, encoding, error = None, None, None
+    for encoding in encodings:
+        try:
+            text = raw.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+            break
+        except UnicodeDecodeError as exc:
+            error = error or exc
+    _refuse_binary(path, raw, undefined=b"" if text is not None else _UNDEFINED_BYTES.get(encoding, b""))
+    if text is None:
+        if len(encodings) == 1 and encodings[0] == "utf-8":
+            raise ShortenedError(f"{path} is not UTF-8 text (byte {error.start}); convert it to UTF-8 first")
+        text = raw.decode(encodings[-1], errors="replace")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return strip_gutenberg(text) if gutenberg else text
+
+
+def strip_gutenberg(text: str) -> str:
+    """The body of a Project Gutenberg book (after the START marker, up to the END marker when there is
+    one, without blank lines at its ends), else ``text`` unchanged."""
     start = _PG_START.search(text)
-    if start:
-        end = _PG_END.search(text, start.end())
-        text = text[start.end():end.start() if end else len(text)]
-    return text.strip("\n")
+    if not start:
+        return text
+    end = _PG_END.search(text, start.end())
+    return text[start.end():end.start() if end else len(text)].strip("\n")
+
+
+#: Bytes an encoding leaves undefined (decoded as U+FFFD, and counted as not text).
+_UNDEFINED_BYTES = {"cp1252": bytes([0x81, 0x8D, 0x8F, 0x90, 0x9D])}
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\x0b\x0c") + b"\x7f"
+#: Share of control (or undefined) bytes above which a file is not text; real text has next to none.
+MAX_CONTROL_SHARE = 0.01
+
+
+def _refuse_binary(path: Path, raw: bytes, undefined: bytes = b"") -> None:
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        hint = " (UTF-16? convert it to UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ShortenedError(f"{path} is not text: it holds NUL bytes (the first at byte {nul}){hint}")
+    bad = [bytes([b]) for b in _CONTROL_BYTES + undefined]
+    count = sum(raw.count(b) for b in bad)
+    if count > MAX_CONTROL_SHARE * len(raw):
+        first = min(i for i in (raw.find(b) for b in bad) if i >= 0)
+        raise ShortenedError(f"{path} is not text: {100 * count / len(raw):.0f}% of its bytes are control "
+                             f"characters or undefined (the first at byte {first})")
 
 
 def read_documents(path: Path) -> list[str]:
     """The documents of one calibration file (a .txt file is one document)."""
     if path.suffix.lower() in JSONL_SUFFIXES:
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ShortenedError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ShortenedError(f"{path}:{n}: expected a JSON object with a string 'text' field")
-                if record["text"].strip():
-                    docs.append(record["text"])
+        for n, line in enumerate(read_text(path, encodings=("utf-8",), gutenberg=False).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ShortenedError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ShortenedError(f"{path}:{n}: expected a JSON object with a string 'text' field")
+            if record["text"].strip():
+                docs.append(record["text"])
     else:
-        text = read_text(path)
+        text = read_text(path).strip("\n")
         docs = [text] if text.strip() else []
     return docs
 

@@ -1,15 +1,27 @@
-"""Writing outputs safely: atomic folders and files, the overwrite policy, the run record."""
+"""Writing outputs safely: one exclusive lock per output path, atomic files and folders, the overwrite
+policy, the run record.
+
+Every output is claimed before any work (:func:`claim_outputs`: refused when it exists without
+``--overwrite``, when it is of the wrong kind or its folder cannot be written, and locked so that a second
+writer of the same path fails at once), written to a temporary sibling ``.NAME.tmp-*`` and renamed into
+place at the end (:func:`atomic_outputs`). If the target appeared meanwhile (another program wrote it),
+nothing is replaced: the finished result is moved to a visible ``NAME.unsaved-*`` folder and the error
+says where. Temporaries left by a killed process are removed by the next writer of the same path.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
+import glob
 import json
 import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,67 +29,287 @@ from typing import Any
 from .errors import ShortenedError
 
 RECORD_FILE = "pruning.json"
+TMP_INFIX = ".tmp-"
+UNSAVED_INFIX = ".unsaved-"
+
+# Locks this process holds, by absolute path: flock locks belong to an open file, so a nested writer
+# of a path the process already claimed (a command, then save_model) would otherwise lock itself out.
+_HELD: dict[str, int] = {}
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output (unless ``overwrite``) before any work is done."""
+def lock_file(path: str | os.PathLike) -> Path:
+    """The sibling file whose flock guards writes to ``path``."""
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise ShortenedError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ShortenedError(f"output {out} exists and is not a folder")
-    return out
+    return out.parent / f".{out.name}.lock"
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def output_lock(path: str | os.PathLike, *, wait: bool = False) -> Iterator[bool]:
+    """Hold the exclusive lock of output ``path`` for the block (re-entrant within a process).
+
+    Another process holding it: ShortenedError at once (``wait``: block until it is released). On first
+    acquisition, temporaries ``.NAME.tmp-*`` beside ``path`` are removed: every writer of ``path`` creates
+    them under this lock, so any found now belong to a process that died. Yields whether this call took
+    the lock (False when the process already held it).
+    """
+    out = Path(os.path.abspath(path))
+    key = str(out)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield False
+        finally:
+            _HELD[key] -= 1
+        return
+    created = _make_parents(out.parent)
+    lock = lock_file(out)
+    fd = -1
+    try:
+        fd = _acquire(lock, out, wait)
+        _HELD[key] = 1
+        remove_temporaries(out)
+        yield True
+    finally:
+        _HELD.pop(key, None)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # while still holding it: see _acquire
+            os.close(fd)
+        for folder in reversed(created):  # folders made only for an output that was not written
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _acquire(lock: Path, out: Path, wait: bool) -> int:
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise ShortenedError(f"cannot write {out}: {exc.strerror or exc} ({lock.parent})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise ShortenedError(f"{out} is being written by {who} (lock {lock}); wait for it to finish "
+                                 "or choose another output") from None
+        # The previous holder unlinks the file before releasing it; a lock taken on an unlinked file
+        # guards nothing, so take the one on the file that is there now.
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created (outermost first)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            for c in reversed(created):
+                with contextlib.suppress(OSError):
+                    c.rmdir()
+            raise ShortenedError(f"cannot create folder {f}: {exc.strerror or exc}") from None
+        created.append(f)
+    return created
+
+
+def remove_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries ``.NAME.tmp-*`` of output ``path``; the caller holds its lock."""
+    out = Path(path)
+    removed = []
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}{TMP_INFIX}*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        removed.append(tmp)
+    return removed
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove every ``.NAME.tmp-*`` in ``folder`` whose output ``NAME`` no live process is writing."""
+    removed: list[Path] = []
+    names = {p.name[1:p.name.index(TMP_INFIX)] for p in Path(folder).glob(f".*{TMP_INFIX}*")}
+    for name in sorted(names):
+        try:
+            with output_lock(Path(folder) / name) as first:
+                if first:
+                    removed.append(Path(folder) / name)
+        except ShortenedError:  # being written right now: its temporary is live
+            continue
+    return removed
+
+
+def check_output(path: str | os.PathLike, overwrite: bool, *, kind: str = "dir") -> Path:
+    """Refuse, before any work, an output that exists (unless ``overwrite``), exists as the other
+    ``kind`` (``"dir"`` or ``"file"``), or lies where nothing can be written."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ShortenedError(f"output {out} already exists; pass --overwrite to replace it")
+    if kind == "dir" and out.exists() and not out.is_dir():
+        raise ShortenedError(f"output {out} exists and is not a folder")
+    if kind == "file" and out.is_dir():
+        raise ShortenedError(f"output {out} is a folder; give a file name")
+    check_writable(out)
+    return out
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse ``path`` when its folder cannot be created or written (probed with a temporary folder,
+    since permission bits say nothing for root or on read-only and virtual file systems)."""
+    out = Path(os.path.abspath(path))
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ShortenedError(f"cannot write {path}: {existing} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".shortened-probe-", dir=existing))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOENT:
+            reason = "not a writable file system"
+        raise ShortenedError(f"cannot write {path}: {existing} is not writable ({reason})") from None
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output folder (unless ``overwrite``) before any work is done."""
+    return check_output(path, overwrite, kind="dir")
+
+
+@contextlib.contextmanager
+def claim_outputs(paths: Sequence[str | os.PathLike | None], *, overwrite: bool,
+                  kind: str = "file") -> Iterator[list[Path]]:
+    """Check every output of a command (None entries skipped) and hold their locks for the block:
+    called first thing, so that no work is done for an output that could not be written."""
+    outs = [check_output(p, overwrite, kind=kind) for p in paths if p is not None]
+    with contextlib.ExitStack() as stack:
+        for out in outs:
+            stack.enter_context(output_lock(out))
+        for out in outs:  # created between the check and the lock
+            check_output(out, overwrite, kind=kind)
+        yield outs
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike], *, overwrite: bool = False,
+                   kind: str = "file") -> Iterator[list[Path]]:
+    """Yield one temporary sibling per path (an empty folder for ``kind="dir"``, a file name for
+    ``"file"``); when the block succeeds all of them are renamed into place, else removed.
+
+    A target that appeared meanwhile is not replaced without ``overwrite``: the results are moved to a
+    ``NAME.unsaved-*`` folder that the error names, and no target is touched.
+    """
+    # A target claimed earlier (a command claims its outputs first) that exists now appeared meanwhile:
+    # it is refused at the end, so that the work of the block is kept.
+    claimed = all(os.path.abspath(p) in _HELD for p in paths)
+    with claim_outputs(paths, overwrite=overwrite or claimed, kind=kind) as outs:
+        tmps: list[Path] = []
+        try:
+            for out in outs:
+                if kind == "dir":
+                    tmps.append(Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent)))
+                else:
+                    fd, name = tempfile.mkstemp(prefix=f".{out.name}{TMP_INFIX}", suffix=out.suffix, dir=out.parent)
+                    os.close(fd)
+                    tmps.append(Path(name))
+            yield tmps
+            for tmp in tmps:
+                _ordinary_permissions(tmp)
+            appeared = [out for out in outs if os.path.lexists(out)] if not overwrite else []
+            if appeared:
+                kept = _keep(tmps, outs)
+                raise ShortenedError(
+                    f"output {appeared[0]} appeared while this command ran, so it was not replaced; the finished "
+                    f"result is in {kept} (move it into place, or run again with --overwrite)")
+            for tmp, out in zip(tmps, outs):
+                _replace(tmp, out)
+        finally:
+            for tmp in tmps:
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "file") -> Iterator[Path]:
+    """:func:`atomic_outputs` for one path."""
+    with atomic_outputs([path], overwrite=overwrite, kind=kind) as (tmp,):
+        yield tmp
+
+
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary sibling folder that replaces ``path`` only when the block succeeds.
 
     On any error the temporary folder is removed and ``path`` is left as it was.
     """
-    out = check_output_dir(path, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise ShortenedError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc
-    try:
-        yield tmp
-        _ordinary_permissions(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_output(path, overwrite=overwrite, kind="dir")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_file(path: str | os.PathLike, writer: Callable[[Path], Any], *, overwrite: bool = True) -> Path:
+    """``writer(tmp)`` writes the content to a temporary file that then replaces ``path`` atomically."""
+    with atomic_output(path, overwrite=overwrite, kind="file") as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> Path:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    return write_text(path, json_text(obj), overwrite=overwrite)
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON of every file shortened writes (paths and tensors serialised)."""
+    return json.dumps(obj, indent=2, default=_json_default) + "\n"
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.is_dir() and not out.is_symlink():  # a folder cannot be renamed over another: move it aside
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _keep(tmps: list[Path], outs: list[Path]) -> Path:
+    """Move finished temporaries, under their final names, into a visible ``NAME.unsaved-*`` folder."""
+    kept = Path(tempfile.mkdtemp(prefix=f"{outs[0].name}{UNSAVED_INFIX}", dir=outs[0].parent))
+    os.chmod(kept, 0o777 & ~_umask())
+    for tmp, out in zip(tmps, outs):
+        os.replace(tmp, kept / out.name)
+    return kept
 
 
 def _ordinary_permissions(folder: Path) -> None:
     """Give every file and folder below ``folder`` the permissions of a plain write (some writers use
     private temporary files, which would otherwise leave the output readable by its owner alone)."""
     umask = _umask()
-    for path in [folder, *folder.rglob("*")]:
+    for path in [folder, *(folder.rglob("*") if folder.is_dir() else ())]:
         if path.is_symlink():
             continue
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

@@ -6,11 +6,14 @@ model can be saved and trained like any other.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ShortenedError
-from .io import atomic_output_dir
+from .io import atomic_output_dir, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,27 @@ def resolve_alias(name: str) -> Path:
         if path.is_file():
             return path
     raise ShortenedError(f"package {package} is installed but has no {filename}: reinstall it ({install})")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded: the options of the CLI's "loading" group, the same for every command, for
+    ``run``'s stages, ``bench``'s worker processes and ``heal`` (student and teacher)."""
+
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    cache_dir: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`load_model`."""
+        return dataclasses.asdict(self)
+
+    def load(self, spec: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, Any]:
+        """:func:`load_model` of ``spec`` with these options (``overrides`` replace some of them)."""
+        return load_model(spec, **{**self.kwargs(), **overrides})
 
 
 def load_model(
@@ -231,6 +255,33 @@ def _gguf_to_folder(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
     folder = gguf_cache_folder(gguf, cache_dir)
     if (folder / "config.json").is_file():
         return folder
+    check_gguf(gguf)
+    with contextlib.ExitStack() as stack:
+        try:  # two commands started at once on a new GGUF: the second waits for the first's conversion
+            stack.enter_context(output_lock(folder, wait=True))
+        except ShortenedError as exc:
+            raise _cache_error(exc) from exc
+        if not (folder / "config.json").is_file():
+            _convert_gguf(gguf, folder)
+    return folder
+
+
+def _cache_error(exc: ShortenedError) -> ShortenedError:
+    return ShortenedError(f"cannot cache the converted GGUF ({exc}); set --cache-dir or SHORTENED_CACHE")
+
+
+def check_gguf(gguf: Path) -> None:
+    """Refuse, naming the file, a GGUF whose header, metadata or tensor table cannot be read (a valid
+    magic number over a corrupt or truncated body would otherwise fail deep inside the conversion)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(gguf))
+    except Exception as exc:  # the reader raises whatever a damaged byte leads to (ValueError, IndexError...)
+        raise ShortenedError(f"{gguf} is not a readable GGUF file (corrupt or truncated: {_first_line(exc)})") from None
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.warning("converting %s to safetensors once (cached in %s)", gguf.name, folder)
@@ -247,5 +298,4 @@ def _gguf_to_folder(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     except ShortenedError as exc:
-        raise ShortenedError(f"cannot cache the converted GGUF ({exc}); set --cache-dir or SHORTENED_CACHE") from exc
-    return folder
+        raise _cache_error(exc) from exc

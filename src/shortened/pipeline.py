@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ShortenedError
-from .io import RECORD_FILE, read_json, write_json
+from .io import RECORD_FILE, read_json, write_file, write_json, write_text
 from .stages import StageRunner
 
 #: Files of the final model copied (hard-linked when possible) from its stage folder to OUT.
@@ -70,7 +70,8 @@ class RunConfig:
     bench_output_lens: Sequence[int] = (128,)
     bench_repeats: int = 3
     # loading and control
-    load: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)  # the fields of loading.LoadOptions
+    progress: bool = True
     force: bool = False
     push_to_hub: str | None = None
 
@@ -174,10 +175,10 @@ class Pipeline:
             sel = dict(num_blocks=self.c.num_blocks, ratio=self.c.ratio,
                        protect_first=self.c.protect_first, protect_last=self.c.protect_last)
             if self.c.iterative:
-                plan, history = iterative_select(model, ids, self.c.criterion, **sel)
+                plan, history = iterative_select(model, ids, self.c.criterion, progress=self.c.progress, **sel)
                 scores = history[0]
             else:
-                scores = score_blocks(model, ids, self.c.criterion)
+                scores = score_blocks(model, ids, self.c.criterion, progress=self.c.progress)
                 plan = select_blocks(scores, contiguous=self.c.contiguous, **sel)
             record = scores_record(self.c.model, model, scores, calib)
             write_scores_files(record, output_paths(str(tmp / "scores.json")), highlight=plan.remove)
@@ -236,6 +237,7 @@ class Pipeline:
 
         def work(tmp: Path) -> None:
             from .heal import heal
+            from .loading import LoadOptions
 
             from .heal import parse_chain
 
@@ -243,7 +245,7 @@ class Pipeline:
             teacher = self.dense()[0] if needs_teacher else None
             out = tmp / "model"
             heal(str(pruned), data, self.c.heal, out=out, teacher=teacher, checkpoint_dir=tmp / "checkpoints",
-                 **self.c.heal_options)
+                 load=LoadOptions(**self.c.load), progress=self.c.progress, **self.c.heal_options)
             for item in out.iterdir():
                 os.replace(item, tmp / item.name)
             out.rmdir()
@@ -279,7 +281,7 @@ class Pipeline:
             model, tokenizer = self.dense() if folder is None else self._load(folder)
             result = evaluate(model, tokenizer, ppl=ppl, tasks=self._eval_tasks, data_dir=self.c.data_dir,
                               limit=self.c.eval_limit, batch_size=self.c.eval_batch_size,
-                              seq_len=self.c.eval_seq_len, name=name)
+                              seq_len=self.c.eval_seq_len, name=name, progress=self.c.progress)
             write_json(tmp / "results.json", result)
 
         done = self.stages.run(f"eval-{role}", settings, work)
@@ -349,20 +351,21 @@ class Pipeline:
         notes = [HELDOUT_NOTE] if "heldout" in self._eval_ppl else []
         card = model_card(record, evaluations=evaluations, bench=bench, plots=plots,
                           license=source_license(self.c.model, local), notes=notes)
-        (self.out / "README.md").write_text(card)
+        write_text(self.out / "README.md", card)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists() and os.path.samefile(src, dst):
         return  # already linked (renaming a hard link onto itself would leave the temporary name behind)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+
+    def link(tmp: Path) -> None:
+        tmp.unlink()  # the atomic writer's empty temporary: the link takes its name
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+
+    write_file(dst, link)
 
 
 def _slug(text: str) -> str:
@@ -381,9 +384,12 @@ def _jsonable(obj: Any) -> Any:
 
 def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every stage of ``config`` and return the output folder."""
+    from .io import output_lock
+
     config.check()
     _check_output(config)
-    return Pipeline(config, log).run()
+    with output_lock(config.out):  # a second run into the same folder fails at start
+        return Pipeline(config, log).run()
 
 
 def _check_output(config: RunConfig) -> None:

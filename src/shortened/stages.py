@@ -1,6 +1,8 @@
 """Resumable stages for ``shortened run``: each stage writes its own folder atomically with a
 ``stage.json`` of the settings it ran with; a re-run with the same settings (and unchanged inputs)
-skips it, a changed setting re-runs it and every stage that depends on it."""
+skips it, a changed setting re-runs it and every stage that depends on it. The temporary folder of a
+stage whose run was killed (``.<stage>.tmp-*``) is removed by the next runner, unless a live process
+holds that stage's lock."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_output_dir, now_iso, read_json, write_json
+from .io import atomic_output_dir, now_iso, read_json, remove_stale_temporaries, write_json
 
 STAGE_FILE = "stage.json"
 
@@ -31,6 +33,8 @@ class StageRunner:
         self.skipped: list[str] = []
         self.ran: list[str] = []
         self.seconds: dict[str, float] = {}
+        if self.root.is_dir():
+            remove_stale_temporaries(self.root)
 
     def folder(self, name: str) -> Path:
         return self.root / name

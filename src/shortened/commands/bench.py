@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._common import HelpFormatter, add_model_args, parse_int_list
+from ._common import HelpFormatter, add_model_args, load_options, parse_int_list
 
 EXAMPLES = """examples:
   shortened bench runs/p --baseline smollm2-135m --batch-sizes 1,8 --output-lens 128 --out bench.json
@@ -40,13 +40,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import claim_outputs
+
+    with claim_outputs([args.out, Path(args.out).with_suffix(".png")], overwrite=args.overwrite):  # before any work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..bench import format_bench, plot_bench, run_benchmark
     from ..errors import ShortenedError
-    from ..io import library_versions, now_iso, write_json
+    from ..io import library_versions, now_iso, write_file, write_json
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ShortenedError(f"output {out} already exists; pass --overwrite to replace it")
     batch_sizes = parse_int_list(args.batch_sizes, "batch sizes")
     output_lens = parse_int_list(args.output_lens, "output lengths")
     for name, values in (("batch size", batch_sizes), ("output length", output_lens), ("prompt length", [args.prompt_len]),
@@ -59,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     model, baseline = (_resolve(s, args.cache_dir) for s in (args.model, args.baseline))
     result = run_benchmark(
         model, baseline,
-        load_kwargs=dict(dtype=args.dtype, device=args.device, device_map=args.device_map,
-                         cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code),
+        load_kwargs=load_options(args).kwargs(),  # every worker process loads with the command's options
         batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=args.prompt_len,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, interleave=not args.sequential,
     )
@@ -69,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
         result["models"]["baseline"]["model"] = args.baseline
     result.update(command=shlex.join(["shortened", *sys.argv[1:]]) if sys.argv else "",
                   created=now_iso(), versions=library_versions())
-    write_json(out, result)
+    write_json(out, result, overwrite=args.overwrite)
     plot = out.with_suffix(".png")
-    plot_bench(result, str(plot))
+    write_file(plot, lambda tmp: plot_bench(result, str(tmp)), overwrite=args.overwrite)
     print(format_bench(result))
     print(f"\nwrote {out} and {plot}")
     return 0

@@ -5,11 +5,10 @@ side by side."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from ._common import HelpFormatter, add_model_args, load_from_args
+from ._common import HelpFormatter, add_data_dir_arg, add_model_args, add_progress_arg, load_from_args
 
 EXAMPLES = """examples:
   shortened eval smollm2-135m --data-dir ../shared/data --out runs/dense.json
@@ -40,9 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="perplexity sets: wikitext2, ptb and/or paths of UTF-8 text files; 'none' for no perplexity")
     what.add_argument("--tasks", default=",".join(PAPER_TASKS),
                       help="zero-shot tasks (of: " + ", ".join(PAPER_TASKS) + "); 'none' for no tasks")
-    what.add_argument("--data-dir", default=os.environ.get("SHORTENED_DATA"),
-                      help="folder of the original data files (layout of ../shared/data); "
-                           "default $SHORTENED_DATA, else the Hugging Face Hub")
+    add_data_dir_arg(what)
     what.add_argument("--limit", type=int, default=None,
                       help="first N chunks per perplexity set and first N items per task (quick runs)")
     how = p.add_argument_group("how")
@@ -54,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--table", default=None, help="also write the Markdown table to this file")
     out.add_argument("--name", default=None, help="the model's name in the table; MODEL when not given")
     out.add_argument("--overwrite", action="store_true", help="replace existing --out/--table files")
-    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(out)
     out.add_argument("--compare", nargs="+", metavar="RESULTS", default=None,
                      help="print the table of these results files side by side (no model is loaded)")
     p.set_defaults(func=run)
@@ -65,41 +62,19 @@ def _names(text: str) -> list[str]:
     return [] if items == ["none"] else items
 
 
-def _refuse_existing(path: str | None, overwrite: bool) -> None:
-    from ..errors import ShortenedError
-
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise ShortenedError(f"output {target} is a folder; give a file name")
-    if target.exists() and not overwrite:
-        raise ShortenedError(f"output {target} already exists; pass --overwrite to replace it")
-
-
-def _write_text(path: str, text: str) -> None:
-    import tempfile
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..io import claim_outputs
+
+    with claim_outputs([args.out, args.table], overwrite=args.overwrite):  # before any work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..errors import ShortenedError
     from ..evaluation import PAPER_TASKS, compare_files, evaluate, markdown_table
     from ..evaluation.sources import PPL_SETS, check_local_files
-    from ..io import write_json
+    from ..io import write_json, write_text
 
-    _refuse_existing(args.out, args.overwrite)
-    _refuse_existing(args.table, args.overwrite)
     if args.compare:
         if args.model is not None:
             raise ShortenedError("--compare takes results files only; drop MODEL")
@@ -108,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         table = compare_files(args.compare)
         print(table, end="")
         if args.table:
-            _write_text(args.table, table)
+            write_text(args.table, table, overwrite=args.overwrite)
         return 0
     if args.model is None:
         raise ShortenedError("give MODEL to evaluate, or --compare RESULTS...")
@@ -146,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
         results["model"]["original_num_blocks"] = record.get("original_num_blocks")
     table = markdown_table([results], [name])
     if args.out:
-        write_json(args.out, results)
+        write_json(args.out, results, overwrite=args.overwrite)
     if args.table:
-        _write_text(args.table, table)
+        write_text(args.table, table, overwrite=args.overwrite)
     print(table, end="")
     if args.out:
         print(f"results -> {args.out}", file=sys.stderr)

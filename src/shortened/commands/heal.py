@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import MODEL_HELP, HelpFormatter
+from ._common import MODEL_HELP, HelpFormatter, add_loading_args, add_progress_arg, load_options
 
 EXAMPLES = """examples:
   shortened heal runs/p --method lora --data alpaca --out runs/p-lora
@@ -82,7 +82,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-time", type=float, default=None, help="stop after this many seconds of training")
     t.add_argument("--train-on-inputs", action="store_true", help="Alpaca: train on the prompt tokens too")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="accelerate mixed precision")
-    t.add_argument("--dtype", default=d.dtype, help="weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
 
     lo = p.add_argument_group("LoRA (method lora, or distill --student lora)")
     lo.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
@@ -107,6 +106,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--linear-ridge", type=float, default=d.linear_ridge,
                     help="ridge towards the identity (plain removal), relative to the MLP output's energy")
 
+    # Model and teacher load alike; accelerate places them (no --device-map; --device cpu forces the CPU).
+    add_loading_args(p, device_map=False)
+    add_progress_arg(p)
+
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints)")
     ck.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -115,6 +118,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ..io import check_writable, claim_outputs
+
+    check_writable(args.checkpoint_dir or f"{args.out.rstrip('/')}.checkpoints")
+    main_process = PartialState(cpu=args.device == "cpu").is_main_process  # under accelerate launch, only it writes OUT
+    with claim_outputs([args.out] if main_process else [], overwrite=args.overwrite, kind="dir"):  # before any work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..heal import HealSettings, heal
 
     settings = HealSettings(
@@ -129,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = heal(args.model, args.data, args.method, out=args.out, settings=settings, teacher=args.teacher,
                   checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
-                  keep_checkpoints=args.keep_checkpoints)
+                  keep_checkpoints=args.keep_checkpoints, load=load_options(args), progress=not args.no_progress)
     h = result.record["healing"]
     before = f"{h['val_loss_before']:.4f}" if h["val_loss_before"] is not None else "n/a"
     best = f"{h['best_val_loss']:.4f}" if h["best_val_loss"] is not None else "n/a"

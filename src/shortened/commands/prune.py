@@ -78,8 +78,15 @@ def _check_combination(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import claim_outputs
+
+    with claim_outputs([args.out], overwrite=args.overwrite, kind="dir"):  # checked and locked before any work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..archs import get_arch, num_blocks
-    from ..io import check_output_dir, pruning_record, read_json, save_model
+    from ..io import pruning_record, read_json, save_model
     from ..surgery import remove_blocks, validate_indices
 
     _check_combination(args)
@@ -89,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
         from .score import criterion_options
 
         criterion_options(args)
-    check_output_dir(args.out, args.overwrite)  # fail before the (slow) load
     if args.criterion is not None or args.offload:
         from .score import load_for_scoring
 

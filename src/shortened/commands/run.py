@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import HelpFormatter, add_model_args, parse_int_list
+from ._common import HelpFormatter, add_data_dir_arg, add_model_args, add_progress_arg, load_options, parse_int_list
 
 EXAMPLES = """examples:
   shortened run smollm2-135m --ratio 0.2 --out runs/demo          # offline: calibration sampled from the model
@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib", default="self", help="calibration text: files/folders/globs, self, wikitext2, hf:NAME...")
     c.add_argument("--n-samples", type=int, default=10, help="calibration samples")
     c.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
-    c.add_argument("--seed", type=int, default=1234, help="seed for calibration sampling")
+    c.add_argument("--seed", type=int, default=1234, help="seed of the window sampling (and of --calib self, random)")
     h = p.add_argument_group("healing")
     from ..heal import methods
 
@@ -75,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="stop each training method of the chain after this many seconds")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", default=None, help="comma list of perplexity sets and tasks, or 'none'")
-    e.add_argument("--data-dir", default=None, help="folder with the original data files (layout of ../shared/data)")
+    add_data_dir_arg(e)
     e.add_argument("--eval-limit", type=int, default=None, help="first N chunks / items per set and task")
     e.add_argument("--eval-batch-size", type=int, default=8, help="evaluation batch size")
     e.add_argument("--eval-seq-len", type=int, default=128, help="perplexity chunk length (the paper: 128)")
@@ -85,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--bench-repeats", type=int, default=3, help="timed runs per point")
     o = p.add_argument_group("control")
     o.add_argument("--force", action="store_true", help="re-run every stage even if it finished earlier")
+    add_progress_arg(o)
     o.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the output folder to this Hub repo")
     p.set_defaults(func=run)
 
@@ -120,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
         bench_batch_sizes=[] if args.bench == "none" else parse_int_list(args.bench, "batch sizes"),
         bench_output_lens=parse_int_list(args.bench_output_lens, "output lengths"),
         bench_repeats=args.bench_repeats,
-        load=dict(dtype=args.dtype, device=args.device, device_map=args.device_map, cache_dir=args.cache_dir,
-                  trust_remote_code=args.trust_remote_code),
+        load=load_options(args).kwargs(), progress=not args.no_progress,
         force=args.force, push_to_hub=args.push_to_hub,
     )
     out = run_pipeline(config)

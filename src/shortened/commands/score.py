@@ -7,16 +7,13 @@ CSV next to it (``scores.csv``), and a bar chart (``scores.png``). Lower score =
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import ShortenedError
-from ._common import HelpFormatter, add_model_args, load_from_args
+from ._common import HelpFormatter, add_model_args, add_progress_arg, load_from_args
 
 EXAMPLES = """examples:
   shortened score smollm2-135m --criterion ppl --calib data/books/ --out runs/ppl.json
@@ -53,7 +50,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: boo
                      help="bring one block at a time to the accelerator (--device): 'cpu' (the default when "
                           "given without a value) keeps the blocks in memory, 'disk' keeps them in the model's "
                           "safetensors files and reads each when visited (models larger than memory)")
-    eng.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_arg(eng)
 
 
 def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,28 +126,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def output_paths(out: str) -> dict[str, Path]:
+    """``a.v1.json`` (or ``a.v1``) -> a.v1.json, a.v1.csv, a.v1.png: only a final .json is replaced."""
     base = Path(out)
-    stem = base.with_suffix("") if base.suffix.lower() == ".json" else base
-    return {"json": stem.with_suffix(".json") if base.suffix.lower() != ".json" else base,
-            "csv": stem.with_suffix(".csv"), "png": stem.with_suffix(".png")}
+    stem = base.name[:-len(".json")] if base.suffix.lower() == ".json" else base.name
+    return {kind: base.with_name(f"{stem}.{kind}") for kind in ("json", "csv", "png")}
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import claim_outputs
+
+    with claim_outputs(list(output_paths(args.out).values()), overwrite=args.overwrite):  # before any work
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..archs import get_arch
     from ..io import library_versions, now_iso
 
     paths = output_paths(args.out)
-    for path in paths.values():  # refuse before the (slow) load and scoring
-        if path.exists() and not args.overwrite:
-            raise ShortenedError(f"output {path} already exists; pass --overwrite to replace it")
-        if path.exists() and path.is_dir():
-            raise ShortenedError(f"output {path} is a folder")
     criterion_options(args)  # option mistakes before the load too
     model, tokenizer = load_for_scoring(args)
     scores, calib = compute_scores(args, model, tokenizer)
     record = scores_record(args.model, model, scores, calib)
     record.update(created=now_iso(), versions=library_versions())
-    write_scores_files(record, paths)
+    write_scores_files(record, paths, overwrite=args.overwrite)
     lo = sorted(range(len(scores.scores)), key=lambda i: scores.scores[i])[:5]
     print(f"{scores.criterion} scores of {len(scores.scores)} blocks ({get_arch(model).model_types[0]}) -> "
           f"{paths['json']}, {paths['csv'].name}, {paths['png'].name}; lowest: {lo}")
@@ -163,9 +162,10 @@ def scores_record(source: str, model: Any, scores: Any, calib: dict | None) -> d
             "model_type": model.config.model_type, **scores.to_dict(), "calibration": calib}
 
 
-def write_scores_files(record: dict[str, Any], paths: dict[str, Path], highlight: list[int] | None = None) -> None:
-    """JSON, CSV and PNG, each written to a temporary file and renamed, the JSON last."""
-    from ..io import write_json
+def write_scores_files(record: dict[str, Any], paths: dict[str, Path], highlight: list[int] | None = None,
+                       *, overwrite: bool = True) -> None:
+    """JSON, CSV and PNG, written to temporary files and renamed into place together (the JSON last)."""
+    from ..io import atomic_outputs, json_text
     from ..plots import plot_scores
 
     scores = record["scores"]
@@ -174,22 +174,8 @@ def write_scores_files(record: dict[str, Any], paths: dict[str, Path], highlight
     w.writerow(["block", "score"])
     for i, s in enumerate(scores):
         w.writerow([i, "" if s is None else repr(float(s))])
-    _atomic_write(paths["csv"], lambda tmp: tmp.write_text(buf.getvalue()))
     title = f"{record['criterion']} scores, {record.get('model', '')}"
-    _atomic_write(paths["png"], lambda tmp: plot_scores(scores, tmp, title=title, ylabel=record["criterion"],
-                                                         highlight=highlight or ()))
-    write_json(paths["json"], record)
-
-
-def _atomic_write(path: Path, writer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    with atomic_outputs([paths["csv"], paths["png"], paths["json"]], overwrite=overwrite) as (csv_tmp, png_tmp, json_tmp):
+        csv_tmp.write_text(buf.getvalue())
+        plot_scores(scores, png_tmp, title=title, ylabel=record["criterion"], highlight=highlight or ())
+        json_tmp.write_text(json_text(record))

@@ -62,6 +62,10 @@ def evaluate(
     unknown = [t for t in tasks if t not in PAPER_METRICS]
     if unknown:
         raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_METRICS)}")
+    if ppl:
+        from ..archs import check_seq_len
+
+        check_seq_len(model, seq_len + int(bos), "--seq-len" + (" + BOS" if bos else ""))
     start = time.perf_counter()
     was_training = model.training
     model.eval()

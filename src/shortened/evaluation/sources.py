@@ -61,14 +61,11 @@ _ROW_READERS: dict[str, Callable[[str], list[str]]] = {"wikitext2": wikitext_row
 
 
 def read_text_file(path: str | os.PathLike) -> str:
-    """A UTF-8 text file, with one-line errors for a missing or undecodable file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ShortenedError(f"text file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ShortenedError(f"{path} is not UTF-8 text (byte {exc.start}); convert it to UTF-8 first") from None
+    """A UTF-8 text file as it is (LF line ends), through the one text reader: one-line errors for a
+    missing, undecodable or binary file."""
+    from ..data import read_text
+
+    return read_text(path, encodings=("utf-8",), gutenberg=False)
 
 
 def ppl_rows(name: str, data_dir: str | os.PathLike | None) -> list[str]:

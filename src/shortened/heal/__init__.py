@@ -35,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ShortenedError
+from ..loading import LoadOptions
 from .data import HealingData, load_healing_data
 from .loop import TrainConfig, TrainResult, load_trainable_state, train
 from .registry import HealContext, HealMethod, describe_methods, get_method, methods, parse_chain
@@ -147,6 +148,7 @@ def heal(
     keep_checkpoints: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     progress: bool = True,
+    load: LoadOptions | None = None,
     **overrides: Any,
 ) -> HealResult:
     """Heal ``model`` (a pruned folder, any model spec, or a loaded model) on ``data``.
@@ -158,7 +160,9 @@ def heal(
     (atomically) with ``pruning.json`` extended by a ``healing`` section, ``adapter/`` (LoRA),
     ``healing_log.csv`` and ``loss.png``; checkpoints go to ``checkpoint_dir`` (default
     ``OUT.checkpoints``) and ``resume`` continues from the latest. ``kept`` (reconstruct, linear) gives
-    the teacher's index of each block of ``model``; by default it is read from the input's pruning.json.
+    the teacher's index of each block of ``model``; by default it is read from the input's pruning.json. ``load`` is how the model and the teacher are loaded (its dtype
+    replaces the settings'; accelerate places the model, so its device map is not used and a device
+    other than ``cpu`` is accelerate's).
     """
     from accelerate import Accelerator
 
@@ -167,12 +171,15 @@ def heal(
 
     chain = parse_chain(method)
     base = dataclasses.replace(settings or HealSettings(), **overrides)
+    if load is not None:
+        base = dataclasses.replace(base, dtype=load.dtype)
     per_method = [base.for_method(m.name) for m in chain]
     for m, s in zip(chain, per_method):
         s.check(m.name)
+    load = dataclasses.replace(load or LoadOptions(dtype=base.dtype), device_map=None)
     if out is not None:
         check_output_dir(out, overwrite)  # fail before any slow work
-    accelerator = Accelerator(mixed_precision=base.mixed_precision)
+    accelerator = Accelerator(mixed_precision=base.mixed_precision, cpu=load.device == "cpu")
     device = str(accelerator.device)
     single = [m.name for m in chain if m.one_process]
     if single and accelerator.num_processes > 1:
@@ -187,15 +194,18 @@ def heal(
                                  f"{next(m.name for m in chain if m.needs_kept)} needs to know which blocks were "
                                  "removed (prune with shortened first)")
     if not isinstance(model, nn.Module):
-        from ..loading import load_model
-
-        model, loaded_tokenizer = load_model(model_spec, dtype=base.dtype, device=device)
+        model, loaded_tokenizer = load.load(model_spec, device=device)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     model.config.use_cache = False
+    if not isinstance(data, HealingData):
+        from ..archs import check_seq_len
+
+        for s in per_method:
+            check_seq_len(model, s.seq_len)
 
     teacher_spec_used = None
     if any(m.needs_teacher for m in chain):
-        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, base, device)
+        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, load, device)
         teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else loaded_teacher_tokenizer
         teacher.to(device)
 
@@ -335,15 +345,14 @@ def _describe_input(model: str | os.PathLike | nn.Module) -> tuple[str, dict[str
     return spec, {"format_version": 1, "tool": "shortened", "source": spec, "selection": None}
 
 
-def _load_teacher(teacher: Any, model_spec: str, settings: HealSettings, device: str) -> tuple[nn.Module, str, Any]:
+def _load_teacher(teacher: Any, model_spec: str, load: LoadOptions, device: str) -> tuple[nn.Module, str, Any]:
     """The teacher model, its spec, and its tokenizer (None when given as a module)."""
     if isinstance(teacher, nn.Module):
         return teacher, str(getattr(teacher.config, "_name_or_path", "") or "<in-memory teacher>"), None
-    from ..loading import load_model
     from .distill import teacher_spec
 
     spec = os.fspath(teacher) if teacher is not None else teacher_spec(model_spec)
-    model, tok = load_model(spec, dtype=settings.dtype, device=device)
+    model, tok = load.load(spec, device=device)
     return model, spec, tok
 
 

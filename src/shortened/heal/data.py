@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..data import read_text, strip_gutenberg  # noqa: F401  (strip_gutenberg: re-exported, the one Gutenberg rule)
 from ..errors import ShortenedError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def read_alpaca_file(path: str | os.PathLike) -> list[dict[str, str]]:
     without a string ``instruction`` and ``output``.
     """
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path, gutenberg=False)
     if not text.strip():
         raise ShortenedError(f"{path} is empty")
     if text.lstrip().startswith("["):
@@ -148,33 +149,6 @@ def _array_element_lines(text: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------------
 # Plain text
 
-_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M)
-_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M)
-
-
-def _read_text(path: Path) -> str:
-    """UTF-8 text (cp1252 as a fallback, e.g. Project Gutenberg files), newlines normalised."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ShortenedError(f"data file not found: {path}") from None
-    except OSError as exc:
-        raise ShortenedError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def strip_gutenberg(text: str) -> str:
-    """The body of a Project Gutenberg book (between the START and END markers), else ``text``."""
-    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
-    if start and end and start.end() < end.start():
-        return text[start.end():end.start()].strip("\n")
-    return text
-
-
 def read_text_files(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(name, text)`` for a text file, or every ``*.txt`` under a folder (sorted)."""
     path = Path(path)
@@ -186,7 +160,7 @@ def read_text_files(path: str | os.PathLike) -> list[tuple[str, str]]:
         files = [path]
     else:
         raise ShortenedError(f"data path not found: {path}")
-    docs = [(str(p), strip_gutenberg(_read_text(p))) for p in files]
+    docs = [(str(p), read_text(p)) for p in files]
     for name, text in docs:
         if not text.strip():
             raise ShortenedError(f"{name} is empty")
@@ -287,7 +261,7 @@ def load_healing_data(
 
 def _read_json_rows(path: Path) -> tuple[list, str]:
     """Alpaca records, or the ``text`` field of JSONL rows."""
-    text = _read_text(path)
+    text = read_text(path, gutenberg=False)
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
         head = json.loads(first) if not first.lstrip().startswith("[") else None
