@@ -4,7 +4,9 @@ wall-clock budget, WikiText-2 / PTB perplexity (paper protocol, seq 128) and zer
     python benchmarks/bench_heal.py --budget 300 --methods lora-paper,distill-lora --zs-limit 100
 
 Every method gets ``--budget`` seconds of training (steps are planned from a short timing probe and
-capped by ``max_time``), run one after another on the same machine. Results go to
+capped by ``max_time``), run one after another on the same machine. A chain ``a+b`` shares one budget:
+each training phase gets an equal share of what the phases before it left; a training-free phase
+(``linear-books``) takes no share, its measured time (fit, loading included) is taken from the budget. Results go to
 ``--results`` (JSON, with settings and library versions) and are printed as a Markdown table.
 """
 
@@ -41,6 +43,8 @@ RUNS: dict[str, tuple[str, str, dict]] = {
     "reconstruct-books-total": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128,
                                                             reconstruct_loss="total")),
     "reconstruct-alpaca": ("reconstruct", "alpaca", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=256)),
+    # training-free: its time counts against the budget of the phases after it
+    "linear-books": ("linear", "books", dict(batch_size=8, seq_len=128)),
 }
 
 
@@ -79,6 +83,9 @@ def main() -> int:
     p.add_argument("--zs-limit", type=int, default=0, help="items per zero-shot task (0: skip zero-shot)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--probe-steps", type=int, default=1)
+    p.add_argument("--cpu-budget", action="store_true",
+                   help="--budget is process CPU seconds (steps planned from the probe's CPU time per step, no wall "
+                        "cap): the same budget for every row on a machine shared with other jobs")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps (capped at the run's steps)")
     p.add_argument("--val-examples", type=int, default=32, help="validation examples per run")
     p.add_argument("--evals", type=int, default=4, help="validations per run")
@@ -118,38 +125,62 @@ def main() -> int:
         print("pruned", results["models"]["pruned"], flush=True)
     del dense
 
+    from shortened.heal import get_method
+
     for name in [m for m in args.methods.split(",") if m]:
-        # "a+b": run a, then b on a's output, each with an equal share of the budget.
+        # "a+b": run a, then b on a's output, sharing one budget (module docstring).
         phases = name.split("+")
-        source, t, entries = pruned_dir, time.perf_counter(), []
+        source, t, entries, spent = pruned_dir, time.perf_counter(), [], 0.0
         for k, phase in enumerate(phases):
             method, data, settings = runs[phase]
-            budget = args.budget / len(phases)
+            training_left = sum(get_method(runs[p][0]).trains for p in phases[k:])
             common = dict(val_fraction=0.02, warmup_steps=args.warmup, progress=True, seed=0)
             common.update(settings)
             spec = data_path(data, args.data_dir, work)
             dataset = load_healing_data(spec, tok, seq_len=common["seq_len"], val_fraction=common["val_fraction"],
                                         seed=common["seed"])
             dataset.val = dataset.val[:args.val_examples]
+            out = work / f"{name}-{k}" if k + 1 < len(phases) else None
+            if not get_method(method).trains:
+                start, cpu = time.perf_counter(), time.process_time()
+                r = heal(str(source), dataset, method, out=out, **{**common, "progress": False})
+                h = r.record["healing"]
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+                entries.append({"phase": phase, "method": method, "data": spec, "steps_done": 0,
+                                "train_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+                                "bridges": h.get("bridges"), "settings": {**common, "progress": None}})
+                print(f"{name} [{phase}]: {wall:.1f} s wall, {cpu:.1f} s CPU", h.get("bridges"), flush=True)
+                spent += cpu if args.cpu_budget else wall
+                source = out
+                continue
+            budget = (args.budget - spent) / training_left
             # Timing probe: a few steps of the same run (training loop only), not counted in the budget.
-            probe = heal(str(source), HealingData(dataset.train, []), method, steps=args.probe_steps,
-                         **{**common, "progress": False})
-            per_step = probe.run.seconds / args.probe_steps
+            marks: list[float] = []
+            probe = heal(str(source), HealingData(dataset.train, []), method, steps=args.probe_steps + 1,
+                         on_step=lambda step, log: marks.append(time.process_time()), **{**common, "progress": False})
+            if args.cpu_budget:  # CPU time between the first and the last probe step: loading left out
+                per_step = (marks[-1] - marks[0]) / args.probe_steps
+            else:
+                per_step = probe.run.seconds / (args.probe_steps + 1)
             steps = max(1, int(budget / per_step * 0.9))  # 10% for validation
             print(f"{name} [{phase}]: {per_step:.1f} s/step -> {steps} steps in {budget:.0f} s", flush=True)
-            out = work / f"{name}-{k}" if k + 1 < len(phases) else None
-            r = heal(str(source), dataset, method, steps=steps, max_time=budget, eval_every=max(1, steps // args.evals),
-                     out=out, **common)
+            cpu = time.process_time()
+            r = heal(str(source), dataset, method, steps=steps, max_time=None if args.cpu_budget else budget,
+                     eval_every=max(1, steps // args.evals), out=out, **common)
+            cpu = time.process_time() - cpu
             h = r.record["healing"]
             entries.append({"phase": phase, "method": method, "data": spec, "steps_planned": steps,
                             "steps_done": h["steps_done"], "train_seconds": round(r.run.seconds, 1),
-                            "best_step": h["best_step"], "val_before": h["val_loss_before"],
-                            "val_best": h["best_val_loss"], "settings": {**common, "progress": None}})
+                            "cpu_seconds": round(cpu, 1), "budget_s": round(budget, 1), "best_step": h["best_step"],
+                            "val_before": h["val_loss_before"], "val_best": h["best_val_loss"],
+                            "settings": {**common, "progress": None}})
+            spent += cpu if args.cpu_budget else r.run.seconds
             source = out
         train_s = time.perf_counter() - t
         ev = evaluate(r.model, r.tokenizer, args.data_dir, args.ppl_limit, args.zs_limit)
         results["models"][name] = {**ev, **entries[-1], "steps_done": sum(e["steps_done"] for e in entries),
                                    "train_seconds": round(sum(e["train_seconds"] for e in entries), 1),
+                                   "cpu_seconds": round(sum(e["cpu_seconds"] for e in entries), 1),
                                    "wall_seconds": round(train_s, 1), "phases": entries}
         print(name, results["models"][name], flush=True)
         args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -157,4 +157,7 @@ def test_run_best_recipe_end_to_end(tiny_with_tokenizer, tmp_path):
     assert h["method"] == "linear,reconstruct" and [s["method"] for s in h["stages"]] == ["linear", "reconstruct"]
     assert h["stages"][0]["bridges"] and h["steps_done"] == 2
     assert record["run"]["config"]["recipe"] == "best"
-    assert "linear,reconstruct" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "`linear,reconstruct`" in card and "1. `linear`: " in card and "2. `reconstruct`: steps 2" in card
+    first = h["stages"][0]["bridges"][0]
+    assert f"after block {first['end']}: {first['error_removed']:.3f} -> {first['error_bridged']:.3f}" in card

@@ -72,18 +72,31 @@ def _method_lines(record: dict[str, Any]) -> list[str]:
         lines.append("- **Calibration:** " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     heal = record.get("healing")
     if isinstance(heal, dict):
-        settings = heal.get("settings", {})
-        shown = {k: settings.get(k) for k in ("steps", "lr", "batch_size", "grad_accum", "seq_len") if k in settings}
         data = heal.get("data")
         if isinstance(data, dict):
             data = f"{data.get('source')}` ({data.get('kind', 'data')}, {data.get('train_examples', '?')} training examples)"
         else:
             data = f"{data}`"
+        stages = [_healing_stage(stage) for stage in heal.get("stages", [heal])]
         lines.append(f"- **Healing:** `{heal.get('method')}` on `{data}"
-                     + (" (" + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")" if shown else ""))
+                     + (" (" + stages[0] + ")" if len(stages) == 1 and stages[0] else "")
+                     + ("".join(f"\n  {i + 1}. `{stage['method']}`: {text}"
+                                for i, (stage, text) in enumerate(zip(heal["stages"], stages))) if len(stages) > 1 else ""))
     else:
         lines.append("- **Healing:** none (one-shot removal)")
     return lines
+
+
+def _healing_stage(stage: dict[str, Any]) -> str:
+    """One healing method's settings (a training run), or its fitted bridges (the linear bridge)."""
+    if stage.get("bridges"):
+        errors = ", ".join(f"after block {b['end']}: {b['error_removed']:.3f} -> {b['error_bridged']:.3f}"
+                           for b in stage["bridges"])
+        return (f"{stage.get('calibration_tokens')} calibration tokens, no training; relative hidden-state error "
+                f"of plain removal -> bridged, {errors}")
+    settings = stage.get("settings", {})
+    shown = {k: settings.get(k) for k in ("steps", "lr", "batch_size", "grad_accum", "seq_len") if k in settings}
+    return ", ".join(f"{k} {v}" for k, v in shown.items())
 
 
 def _efficiency_table(bench: dict[str, Any]) -> str:

@@ -37,8 +37,9 @@ from torch import nn
 from ..errors import ShortenedError
 from ..loading import LoadOptions
 from .data import HealingData, load_healing_data
+from .linear import DEFAULT_RIDGE as DEFAULT_LINEAR_RIDGE, DEFAULT_TOKENS as DEFAULT_LINEAR_TOKENS
 from .loop import TrainConfig, TrainResult, load_trainable_state, train
-from .registry import HealContext, HealMethod, describe_methods, get_method, methods, parse_chain
+from .registry import HealContext, HealMethod, chain_name, describe_methods, get_method, methods, parse_chain
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ class HealSettings:
     student: str = "lora"  # distill: trainable part of the student, lora or full
     temperature: float = 1.0  # distill
     lm_weight: float = 0.0  # distill: weight of the LM loss beside the KL
-    linear_tokens: int = 16384  # linear: calibration tokens of the least-squares fit
-    linear_ridge: float = 1e-3  # linear: ridge towards the identity, relative to the MLP output's energy
+    linear_tokens: int = DEFAULT_LINEAR_TOKENS  # linear: calibration tokens of the least-squares fit
+    linear_ridge: float = DEFAULT_LINEAR_RIDGE  # linear: ridge towards the identity, relative to the MLP output
     bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
     reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
     train_on_inputs: bool = False  # Alpaca: also train on the prompt tokens
@@ -160,14 +161,13 @@ def heal(
     (atomically) with ``pruning.json`` extended by a ``healing`` section, ``adapter/`` (LoRA),
     ``healing_log.csv`` and ``loss.png``; checkpoints go to ``checkpoint_dir`` (default
     ``OUT.checkpoints``) and ``resume`` continues from the latest. ``kept`` (reconstruct, linear) gives
-    the teacher's index of each block of ``model``; by default it is read from the input's pruning.json. ``load`` is how the model and the teacher are loaded (its dtype
-    replaces the settings'; accelerate places the model, so its device map is not used and a device
-    other than ``cpu`` is accelerate's).
+    the teacher's index of each block of ``model``; by default it is read from the input's pruning.json.
+    ``load`` is how the model and the teacher are loaded (its dtype replaces the settings'; accelerate
+    places the model, so its device map is not used and a device other than ``cpu`` is accelerate's).
     """
     from accelerate import Accelerator
 
     from ..io import check_output_dir, library_versions, now_iso
-    from .registry import chain_name, parse_chain
 
     chain = parse_chain(method)
     base = dataclasses.replace(settings or HealSettings(), **overrides)

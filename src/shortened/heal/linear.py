@@ -38,10 +38,11 @@ from ..errors import ShortenedError
 from .reconstruct import capture_teacher
 from .registry import HealContext, HealMethod, Prepared
 
-#: Ridge strength relative to the mean diagonal of M^T M (a fraction of the MLP output's energy).
-DEFAULT_RIDGE = 1e-3
-#: Calibration tokens of the fit when not given.
-DEFAULT_TOKENS = 16384
+#: Ridge strength relative to the mean diagonal of M^T W M, and calibration tokens of the fit: the best
+#: measured on SmolLM2-135M, Block Influence blocks (WikiText-2, first 100 chunks, book text): ridge
+#: 1e-3 / 1e-2 / 0.1 / 0.3 -> 120.6 / 119.3 / 115.7 / - at 16k tokens, - / 115.4 / 113.3 / 113.7 at 32k.
+DEFAULT_RIDGE = 0.1
+DEFAULT_TOKENS = 32768
 
 
 @dataclass(frozen=True)
