@@ -124,26 +124,6 @@ def test_push_to_hub_uploads_the_folder_without_stages(tmp_path, monkeypatch, ca
         _push(tmp_path, "me/model")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], dict(recipe="best", criterion="bi", heal="linear,reconstruct", heal_data_kind="books", protect_first=1)),
-    (["--recipe", "paper"], dict(recipe="paper", criterion="ppl", heal="lora", heal_data_kind="alpaca",
-                                 protect_first=None)),
-    (["--criterion", "taylor", "--heal", "none", "--protect-first", "0"],
-     dict(recipe="best", criterion="taylor", heal=None, protect_first=0)),
-    (["--recipe", "paper", "--heal", "linear,reconstruct", "--heal-max-time", "30"],
-     dict(criterion="ppl", heal="linear,reconstruct", heal_options={"max_time": 30.0})),
-])
-def test_recipes_fill_what_the_user_left_unset(argv, expected, monkeypatch, tmp_path):
-    import shortened.pipeline as pipeline
-
-    seen = []
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda config: seen.append(config) or tmp_path)
-    assert main(["run", "smollm2-135m", "--out", str(tmp_path / "o"), *argv]) == 0
-    (config,) = seen
-    for key, value in expected.items():
-        assert getattr(config, key) == value, key
-
-
 def test_run_best_recipe_end_to_end(tiny_with_tokenizer, tmp_path):
     """With no --criterion/--heal: Block Influence, block 0 kept, the linear bridge then reconstruct on
     text sampled from the model (no data folder), and a card that names the chain."""
