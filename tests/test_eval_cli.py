@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from eval_data import tiny_llama_for_tokenizer
 from shortened import cli
@@ -28,10 +27,10 @@ def eval_registered(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smollm2_folder):
+def model_dir(tmp_path_factory, smollm2_tokenizer):
     folder = tmp_path_factory.mktemp("tiny-model")
     tiny_llama_for_tokenizer(seed=2).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(smollm2_folder)).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
     return folder
 
 
