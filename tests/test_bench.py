@@ -13,6 +13,8 @@ from shortened.bench import _PeakRSS, bench_model, flops_per_token
 from shortened.cli import main
 from tiny_models import N_LAYERS, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs cost more than they save
+
 
 @pytest.fixture(scope="module")
 def dense_and_pruned(tmp_path_factory):
@@ -134,15 +136,43 @@ def test_measure_interleaves_the_models_abba():
     assert b.throughput_tok_s / a.throughput_tok_s == pytest.approx(0.5)
 
 
-def test_run_benchmark_sequential_in_process(dense_and_pruned):
-    from shortened.bench import run_benchmark
+@pytest.mark.parametrize("interleave", [False, True], ids=["sequential", "interleaved"])
+def test_run_benchmark_in_process_loads_and_times_in_order(dense_and_pruned, monkeypatch, interleave):
+    """Sequential: one model is loaded, timed and let go before the other is loaded (both need not fit in
+    memory); interleaved: both are loaded, then their runs alternate. The ratios are those of the raw points."""
+    import shortened.bench as bench
 
     dense, pruned = dense_and_pruned
-    result = run_benchmark(str(pruned), str(dense), isolate=False, interleave=False, batch_sizes=[1],
-                           output_lens=[3], prompt_len=4, repeats=1)
-    assert result["settings"]["interleave"] is False
+    log = []
+
+    class Logged(bench._LocalRunner):
+        def __init__(self, spec, *args):
+            self.role = "model" if spec == str(pruned) else "baseline"
+            log.append(("load", self.role))
+            super().__init__(spec, *args)
+
+        def time(self, new_tokens):
+            log.append(("time", self.role))
+            return super().time(new_tokens)
+
+        def close(self):
+            log.append(("close", self.role))
+
+    monkeypatch.setattr(bench, "_LocalRunner", Logged)
+    result = bench.run_benchmark(str(pruned), str(dense), isolate=False, interleave=interleave, batch_sizes=[1],
+                                 output_lens=[3], prompt_len=4, repeats=2)
+    loads = [entry for entry in log if entry[0] != "time"]
+    timed = [role for what, role in log if what == "time"]
+    if interleave:
+        assert loads == [("load", "model"), ("load", "baseline"), ("close", "model"), ("close", "baseline")]
+        assert timed == ["model"] * 2 + ["baseline"] * 4 + ["model"] * 2  # prefill + total, ABBA
+    else:
+        assert log == [("load", "model"), *[("time", "model")] * 4, ("close", "model"),
+                       ("load", "baseline"), *[("time", "baseline")] * 4, ("close", "baseline")]
+    assert result["settings"]["interleave"] is interleave
     assert result["models"]["model"]["num_blocks"] == N_LAYERS - 3
-    assert len(result["ratios"]) == 1 and result["ratios"][0]["throughput_ratio"] > 0
+    (point,), (base,) = result["models"]["model"]["points"], result["models"]["baseline"]["points"]
+    assert result["ratios"][0]["throughput_ratio"] == pytest.approx(point["throughput_tok_s"] / base["throughput_tok_s"])
 
 
 def test_run_benchmark_child_errors_reach_the_caller(tmp_path):

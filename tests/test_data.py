@@ -129,17 +129,37 @@ def test_hub_sources_offline_give_a_clear_error(monkeypatch, tokenizer):
         calibration_ids("hf:", tokenizer)
 
 
-@pytest.mark.slow
-def test_gutenberg_books_with_smollm2_tokenizer(shared_data, smollm2_folder):
-    from transformers import AutoTokenizer
+def gutenberg_body_by_hand(path) -> str:
+    """A Project Gutenberg book as the README says to read it: cp1252, CRLF, the text between the
+    ``*** START OF`` and ``*** END OF`` lines (the end marker may be indented), blank lines at its ends dropped."""
+    lines = path.read_bytes().decode("cp1252").replace("\r\n", "\n").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF"))
+    end = next(i for i, line in enumerate(lines) if i > start and line.strip().startswith("*** END OF"))
+    body = lines[start + 1:end]
+    while not body[-1].strip():
+        body.pop()
+    return "\n".join(body).strip("\n")
 
-    tok = AutoTokenizer.from_pretrained(str(smollm2_folder))
+
+def test_gutenberg_books_with_smollm2_tokenizer(shared_data, smollm2_tokenizer):
+    """The four real books: each is read as its body alone (header, markers and licence gone), and every
+    calibration window is a stretch of one body, without special tokens (the byte-level BPE decodes exactly)."""
+    tok = smollm2_tokenizer
+    books = sorted((shared_data / "gutenberg").glob("*.txt"))
+    assert len(books) == 4
+    bodies = [gutenberg_body_by_hand(book) for book in books]
+    for book, body in zip(books, bodies):
+        text = read_text(book)
+        assert text == body, book.name
+        raw = book.read_bytes().decode("cp1252")
+        for gone in ("This eBook is for the use of anyone anywhere", "*** START OF", "*** END OF",
+                     "FULL PROJECT GUTENBERG LICENSE"):  # header, markers, licence
+            assert gone in raw and gone not in text, (book.name, gone)
     cal = calibration_data(str(shared_data / "gutenberg"), tok, n_samples=10, seq_len=128, seed=1234)
-    assert cal.ids.shape == (10, 128) and len(cal.info["files"]) == 4
-    text = tok.decode(cal.ids[0])
-    assert "Gutenberg" not in text or "license" not in text.lower()
+    assert cal.ids.shape == (10, 128) and cal.info["files"] == [str(b) for b in books]
+    windows = [tok.decode(row) for row in cal.ids.tolist()]
+    assert all(any(w in body for body in bodies) for w in windows), windows
     # an explicitly named file is read whatever its suffix
-    wiki = calibration_ids(str(shared_data / "wikitext-2-raw" / "wiki.test.raw"), tok, n_samples=2, seq_len=64)
-    assert wiki.shape == (2, 64)
-
-
+    wiki_file = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+    wiki = calibration_ids(str(wiki_file), tok, n_samples=2, seq_len=64)
+    assert wiki.shape == (2, 64) and all(tok.decode(row) in wiki_file.read_text(encoding="utf-8") for row in wiki.tolist())

@@ -192,31 +192,53 @@ def test_one_micro_batch_per_worker_by_default():
     assert_rel(split.scores, score_blocks(model, ids, "ppl", workers=1, progress=False).scores, 1e-6)
 
 
+def _openmp_runtime():
+    """The OpenMP runtime torch runs its CPU products on (found among the loaded libraries), or None."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/lib" in line and "omp" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            runtime = ctypes.CDLL(path)
+            runtime.omp_get_max_threads  # noqa: B018 - the symbol must exist
+            return runtime
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 def test_each_worker_runs_its_products_on_its_share_of_threads():
-    """A new thread's OpenMP team defaults to every core whatever the caller set; the engine's workers must
-    use their share (one thread each on two cores), or two workers oversubscribe the cores."""
+    """A new thread's OpenMP team has the default size (every core) whatever the caller set: each of the
+    engine's workers must set its own team to its share of the threads, or the workers oversubscribe the
+    cores. Checked on the team size each worker's products would get (omp_get_max_threads in the worker)."""
     import threading
-    import time
 
     from shortened.engine import Engine
 
-    if (torch.get_num_threads() < 2) or not torch.backends.openmp.is_available():
-        pytest.skip("needs at least two threads with OpenMP")
-    engine = Engine(tiny_model("llama"), None, workers=2, progress=False)
-    a, b = torch.randn(384, 384), torch.randn(384, 384)
-    lock = threading.Lock()
-
-    def cpu_ratio(_: int) -> float:
-        with lock:  # one at a time, so the process's CPU time is this thread's plus its helpers'
-            torch.mm(a, b)
-            t, p = time.thread_time(), time.process_time()
-            for _ in range(60):
-                torch.mm(a, b)
-            return (time.process_time() - p) / max(time.thread_time() - t, 1e-9)
-
-    with engine.parallel():
-        ratios = engine.map(cpu_ratio, [0, 1])
-    assert max(ratios) < 1.5, ratios  # ~2 when each product also runs on a helper thread
+    omp = _openmp_runtime() if torch.backends.openmp.is_available() else None
+    if omp is None:
+        pytest.skip("needs torch's OpenMP runtime")
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(omp.omp_get_max_threads()))
+    thread.start()
+    thread.join()
+    share = fresh[0] + 1  # unlike the default: a worker left at it is caught
+    workers = 2
+    engine = Engine(tiny_model("llama"), None, workers=workers, progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(share * workers)
+    try:
+        with engine.parallel():
+            seen = engine.map(lambda _: (threading.current_thread().name, omp.omp_get_max_threads()), range(8))
+        assert torch.get_num_threads() == share * workers  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(before)
+    assert all(name.startswith("shortened-stream") for name, _ in seen), seen  # ran on the workers
+    assert {team for _, team in seen} == {share}, seen
 
 
 @pytest.mark.parametrize("case", ["large-logits", "very-negative-logits"])

@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
-from eval_data import tiny_llama_for_tokenizer
+from eval_data import reference_perplexity, tiny_llama_for_tokenizer
 from shortened import cli
-from shortened.evaluation import evaluate, markdown_table
-from shortened.evaluation.perplexity import load_ppl_text, perplexity, tokenize_text
-from shortened.evaluation.tables import compare_files
-
-
-
+from shortened.evaluation import evaluate
+from shortened.evaluation.perplexity import load_ppl_text, tokenize_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,10 +23,10 @@ def eval_registered(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smollm2_folder):
+def model_dir(tmp_path_factory, smollm2_tokenizer):
     folder = tmp_path_factory.mktemp("tiny-model")
     tiny_llama_for_tokenizer(seed=2).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(smollm2_folder)).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -56,15 +51,23 @@ def test_eval_writes_results_and_table(model_dir, data_dir, tmp_path, capsys):
     assert res["average"] == pytest.approx((res["zeroshot"]["arc_easy"]["value"] + res["zeroshot"]["boolq"]["value"]) / 2)
     assert res["settings"]["limit"] == 2 and res["settings"]["seq_len"] == 16
     assert {"torch", "transformers", "lm_eval"} <= set(res["versions"])
-    # the CLI's perplexity is the library's, on the same model and text
+    # the CLI's perplexity is that of a straightforward loop over the first two chunks
     from shortened import load_model
 
     model, tok = load_model(str(model_dir))
     ids = tokenize_text(tok, load_ppl_text("wikitext2", data_dir))
-    assert res["perplexity"]["wikitext2"]["value"] == pytest.approx(
-        perplexity(model, ids, seq_len=16, limit=2, progress=False), rel=1e-6)
-    assert printed == markdown_table([res], ["tiny"])
-    assert "| tiny |" in printed and "WikiText-2 PPL" in printed and "ARC-e (acc)" in printed
+    assert res["perplexity"]["wikitext2"]["value"] == pytest.approx(reference_perplexity(model, ids, 16, limit=2),
+                                                                    rel=1e-5)
+    # the printed table: the paper's column order (BoolQ before ARC-e, whatever --tasks said), the JSON's numbers
+    wiki, ptb = res["perplexity"]["wikitext2"]["value"], res["perplexity"]["ptb"]["value"]
+    boolq, arc = res["zeroshot"]["boolq"]["value"], res["zeroshot"]["arc_easy"]["value"]
+    table, notes = printed.split("\n\n", 1)
+    assert table.splitlines() == [
+        "| Model | WikiText-2 PPL↓ | PTB PPL↓ | BoolQ (acc) | ARC-e (acc) | Average↑ |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| tiny | {wiki:.2f} | {ptb:.2f} | {100 * boolq:.2f} | {100 * arc:.2f} | {50 * (boolq + arc):.2f} |",
+    ]
+    assert "Partial evaluation: --limit 2" in notes and "fewer than the seven tasks for: tiny" in notes
 
 
 def test_refuses_to_overwrite_and_writes_nothing_on_error(model_dir, data_dir, tmp_path, capsys):
@@ -115,12 +118,13 @@ def test_compare_side_by_side(model_dir, data_dir, tmp_path, capsys):
     assert cli.main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                      "--table", str(table_file)]) == 0
     printed = capsys.readouterr().out
-    lines = [line for line in printed.splitlines() if line.startswith("| ")]
-    assert lines[1].startswith("| dense | ") and lines[2].startswith("| pruned | ")
-    assert f"{a['perplexity']['wikitext2']['value']:.2f}" in lines[1]
-    assert f"{b['perplexity']['wikitext2']['value']:.2f}" in lines[2]
-    assert a["perplexity"]["wikitext2"]["value"] != b["perplexity"]["wikitext2"]["value"]
-    assert table_file.read_text() == printed == compare_files([tmp_path / "a.json", tmp_path / "b.json"])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in printed.splitlines()
+            if line.startswith("| ")]
+    assert rows == [["Model", "WikiText-2 PPL↓", "PIQA (acc)", "Average↑"]] + [
+        [name, f"{r['perplexity']['wikitext2']['value']:.2f}", f"{100 * r['zeroshot']['piqa']['value']:.2f}",
+         f"{100 * r['average']:.2f}"] for name, r in (("dense", a), ("pruned", b))]
+    assert rows[1][1] != rows[2][1]  # two different models: the rows cannot be swapped unnoticed
+    assert table_file.read_text() == printed
     assert "Partial evaluation: --limit 2" in printed
 
 

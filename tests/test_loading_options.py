@@ -94,7 +94,7 @@ def test_heal_loads_the_teacher_with_the_same_options(folder, tmp_path, recorder
         assert {k: kwargs[k] for k in EXPECTED} == EXPECTED, kwargs
 
 
-def test_run_passes_its_options_to_heal_and_bench(folder, tmp_path, monkeypatch, capsys):
+def test_run_keeps_its_options_in_the_pipeline_config(folder, tmp_path, monkeypatch, capsys):
     from shortened import pipeline
 
     seen = {}
@@ -112,6 +112,44 @@ def test_run_passes_its_options_to_heal_and_bench(folder, tmp_path, monkeypatch,
     assert seen["load"] == {"dtype": "float32", "device": None, "device_map": None, "cache_dir": None,
                             "revision": "r1", "trust_remote_code": True}
     assert seen["progress"] is False
+
+
+def test_run_stages_pass_the_options_to_heal_and_bench(folder, tmp_path, monkeypatch, capsys):
+    """What run's healing and benchmark stages hand on: heal() gets the options (and loads the student and
+    teacher with them, test above), run_benchmark gets them as its worker processes' load_kwargs."""
+    import importlib
+
+    import shortened.bench as bench
+    import shortened.evaluation as evaluation
+    from shortened.loading import LoadOptions
+
+    heal_package = importlib.import_module("shortened.heal")  # the attribute shortened.heal is the function
+
+    seen = {}
+
+    def fake_heal(model, data, method, *, load, **kwargs):
+        seen["heal"] = load
+        raise Stop("stop")
+
+    def fake_benchmark(model, baseline, *, load_kwargs, **kwargs):
+        seen["bench"] = load_kwargs
+        raise Stop("stop")
+
+    monkeypatch.setattr(heal_package, "heal", fake_heal)
+    monkeypatch.setattr(bench, "run_benchmark", fake_benchmark)
+    # the tiny folder has no tokenizer to evaluate with; the evaluations are not what is checked here
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: {"perplexity": {}, "zeroshot": {}})
+    text = tmp_path / "t.txt"
+    text.write_text("some words " * 50)
+    common = ["--criterion", "magnitude", "--num-blocks", "1", "--protect-first", "0", "--protect-last", "0",
+              "--dtype", "float32", "--device", "cpu", "--revision", "r1", "--trust-remote-code", "--no-progress"]
+    assert main(["run", str(folder), *common, "--heal", "full", "--heal-data", str(text), "--out", str(tmp_path / "h")]) == 2
+    assert main(["run", str(folder), *common, "--heal", "none", "--eval", str(text), "--bench", "1",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "error: stop" in capsys.readouterr().err
+    assert isinstance(seen["heal"], LoadOptions)
+    assert {k: getattr(seen["heal"], k) for k in EXPECTED} == EXPECTED
+    assert {k: seen["bench"][k] for k in EXPECTED} == EXPECTED
 
 
 def test_bench_workers_load_with_the_options(folder, tmp_path, monkeypatch, capsys):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -22,8 +20,6 @@ TEXT = (
     "Farmers moved their animals to the hills, where the grass was thin but dry. In the village the "
     "baker kept his ovens burning, because people would need bread whatever the weather did. "
 ) * 8
-
-
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +152,17 @@ def test_perplexity_on_record(tiny, tokenizer, data_dir):
     assert with_bos["settings"]["bos_token_id"] == tokenizer.bos_token_id
 
 
-def test_input_device_follows_the_model(tiny):
-    assert ppl_mod.input_device(tiny) == tiny.get_input_embeddings().weight.device
+def test_input_device_is_the_input_embeddings():
+    """Under a device map the inputs go where the input embedding is, not where the model's first or last
+    weights are (the meta device stands for a second device)."""
+    model = tiny_model("llama")
+    model.get_input_embeddings().to("meta")
+    assert ppl_mod.input_device(model) == torch.device("meta")
+    assert model.lm_head.weight.device == torch.device("cpu")  # the rest stayed
+    model = tiny_model("llama")
+    model.register_parameter("first", torch.nn.Parameter(torch.zeros(1, device="meta")))
+    assert next(model.parameters()).device == torch.device("meta")
+    assert ppl_mod.input_device(model) == torch.device("cpu")
 
 
 def test_shared_data_texts(shared_data):
@@ -179,4 +184,3 @@ def test_smollm2_matches_reference(smollm2_folder, shared_data):
     want = reference_perplexity(model, ids, 64, limit=3)
     assert got1 == pytest.approx(want, rel=1e-5) and got3 == pytest.approx(want, rel=1e-5)
     assert 5 < want < 200  # a trained model, not noise (random would be ~ vocab size)
-    assert math.isfinite(want)

@@ -7,20 +7,18 @@ import re
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from shortened.cli import main
 from shortened.io import save_model
 from eval_data import tiny_llama_for_tokenizer, write_data_dir
 from tiny_models import N_LAYERS
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
-def tiny_with_tokenizer(smollm2_folder, tmp_path_factory) -> Path:
+def tiny_with_tokenizer(smollm2_tokenizer, tmp_path_factory) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer (the real model is not needed)."""
     folder = tmp_path_factory.mktemp("run") / "tiny"
-    save_model(tiny_llama_for_tokenizer(), AutoTokenizer.from_pretrained(smollm2_folder), folder)
+    save_model(tiny_llama_for_tokenizer(), smollm2_tokenizer, folder)
     return folder
 
 
@@ -32,6 +30,7 @@ def _args(model: Path, out: Path, data: Path) -> list[str]:
             "--out", str(out)]
 
 
+@pytest.mark.slow  # every stage, twice: tens of seconds even on a tiny model
 def test_run_end_to_end_then_resume(tiny_with_tokenizer, tmp_path, capsys):
     data = write_data_dir(tmp_path / "data")
     out = tmp_path / "out"
@@ -124,6 +123,7 @@ def test_push_to_hub_uploads_the_folder_without_stages(tmp_path, monkeypatch, ca
         _push(tmp_path, "me/model")
 
 
+@pytest.mark.slow  # every stage: tens of seconds even on a tiny model
 def test_run_best_recipe_end_to_end(tiny_with_tokenizer, tmp_path):
     """With no --criterion/--heal: Block Influence, block 0 kept, the linear bridge then reconstruct on
     text sampled from the model (no data folder), and a card that names the chain."""

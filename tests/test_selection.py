@@ -140,13 +140,7 @@ def test_iterative_equals_removals_by_hand(criterion):
     assert [step["removed"] for step in plan.steps] == expected
     assert plan.remove == sorted(expected) and plan.method == "iterative"
     assert len(history) == 3 and history[2].scores.count(None) == 2
-
-
-def test_iterative_ppl_differs_from_one_shot_somewhere():
-    """Re-scoring matters: the iterative driver is not just the one-shot ranking (else the test is weak)."""
-    model = tiny_model("llama", seed=3)
-    ids = tiny_inputs(batch=2, length=20)
-    plan, history = iterative_select(model, ids, "ppl", num_blocks=3, progress=False)
-    first = history[0].scores
-    later = history[1].scores
-    assert any(a is not None and b is not None and a != b for a, b in zip(first, later))
+    if criterion == "ppl":
+        # On this model re-scoring changes the choice, so a driver that ranked the blocks once would fail here.
+        one_shot = select_blocks(score_blocks(model, ids, "ppl", progress=False), num_blocks=3, protect_last=1)
+        assert one_shot.remove != sorted(expected)
