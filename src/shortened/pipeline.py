@@ -314,9 +314,11 @@ class Pipeline:
         pruned = self.pruned()
         healed = self.healed(pruned)
         final = healed or pruned
-        evaluations = [("original", self.evaluation("dense", None, "original")),
-                       ("pruned, one-shot", self.evaluation("pruned", pruned, "pruned, one-shot"))]
-        if healed is not None:
+        evaluations: list[tuple[str, dict[str, Any]]] = []
+        if self._eval_ppl or self._eval_tasks:  # --eval none: no evaluation stage at all
+            evaluations = [("original", self.evaluation("dense", None, "original")),
+                           ("pruned, one-shot", self.evaluation("pruned", pruned, "pruned, one-shot"))]
+        if healed is not None and evaluations:
             name = f"pruned + {self.c.heal}"
             evaluations.append((name, self.evaluation("healed", healed, name)))
         bench = self.benchmark(final)
