@@ -37,7 +37,7 @@ FITNESSES = ("kl", "ppl")
 #: one on all.
 DEFAULT_STAGES = "1:4,3:1,all:1"
 DEFAULT_OFFSPRING = 16
-DEFAULT_GENERATIONS = 40
+DEFAULT_GENERATIONS = 30
 
 Removal = tuple[int, ...]
 
@@ -67,13 +67,26 @@ def parse_stages(spec: str | Sequence[Sequence[Any]], n_samples: int, offspring:
     return stages
 
 
+def check_options(fitness: str, generations: int, offspring: int, stages: str | Sequence[Sequence[Any]],
+                  n_samples: int) -> list[tuple[int, int]]:
+    """Refuse bad search settings (before any slow work); returns the parsed stages."""
+    _check_fitness(fitness)
+    if generations < 0 or offspring < 1:
+        raise ShortenedError(f"the search needs generations >= 0 and offspring >= 1, got {generations} and {offspring}")
+    return parse_stages(stages, n_samples, offspring)
+
+
+def _check_fitness(fitness: str) -> None:
+    if fitness not in FITNESSES:
+        raise ShortenedError(f"unknown search fitness '{fitness}': choose {', '.join(FITNESSES)}")
+
+
 class SetFitness:
     """Fitness of removal sets on an engine's calibration micro-batches, each set measured on each
     micro-batch at most once (``sums[set][m]``), so a survivor of a stage only pays for the new samples."""
 
     def __init__(self, engine: Engine, fitness: str = "kl") -> None:
-        if fitness not in FITNESSES:
-            raise ShortenedError(f"unknown search fitness '{fitness}': choose {', '.join(FITNESSES)}")
+        _check_fitness(fitness)
         self.engine = engine
         self.fitness = fitness
         self.caps = engine.captures
@@ -178,11 +191,8 @@ def evolutionary_search(
     for name, s in starts.items():
         if len(set(s)) != k or not set(s) <= set(pool):
             raise ShortenedError(f"starting selection {name} is not a set of {k} removable blocks: {sorted(s)}")
-    if generations < 0 or offspring < 1:
-        raise ShortenedError(f"the search needs generations >= 0 and offspring >= 1, got {generations} and {offspring}")
+    plan = check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])
     fit = SetFitness(engine, fitness)
-    n_samples = sum(fit.samples)
-    plan = parse_stages(stages, n_samples, offspring)
     stage_batches = [(fit.micro_batches(n), keep) for n, keep in plan]
     full = len(fit.caps)
 

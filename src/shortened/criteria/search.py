@@ -12,7 +12,7 @@ from typing import Any
 
 from ..engine import BlockScores, Engine
 from ..errors import ShortenedError
-from ..search import DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, evolutionary_search
+from ..search import DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search
 
 #: Criteria whose selections the search starts from (the best of them by the search's fitness).
 DEFAULT_START = "bi,angular,magnitude,taylor,ppl"
@@ -30,6 +30,7 @@ def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = N
     n = engine.num_blocks
     k = check_request(n, "search", num_blocks=num_blocks, ratio=ratio, protect_first=protect_first,
                       protect_last=protect_last)
+    check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])  # before the starts
     first, last = protect_first or 0, protect_last or 0  # the search's own default protection: none
     eligible = list(range(first, n - last))
     starts = starting_selections(engine, k, first, last, start, seed)
@@ -49,9 +50,9 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
     names = [s.strip() for s in start.split(",") if s.strip()]
     if not names or "search" in names:
         raise ShortenedError(f"the search starts from other criteria's selections (e.g. {DEFAULT_START}), got '{start}'")
+    crits = [get_criterion(name) for name in names]  # every name checked before any is computed
     out: dict[str, list[int]] = {}
-    for name in names:
-        crit = get_criterion(name)
+    for name, crit in zip(names, crits):
         values, extra = crit.fn(engine, **({"seed": seed} if "seed" in crit.options() else {}))
         scores = BlockScores(name, list(values), span_scores=extra.get("span_scores"))
         sel = dict(num_blocks=k, protect_first=protect_first, protect_last=protect_last)
