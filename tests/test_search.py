@@ -204,3 +204,26 @@ def test_search_bad_input_one_line_nothing_written(folder, text, tmp_path, capsy
     err = capsys.readouterr().out.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_run_selects_with_the_search(folder, text, tmp_path):
+    """``shortened run --criterion search``: the flags reach the search, its set is the selection, the plot
+    is kept with the scores."""
+    from shortened.cli import build_parser
+    from shortened.commands.score import search_options
+    from shortened.pipeline import Pipeline, RunConfig
+
+    args = build_parser().parse_args(["run", str(folder), "--criterion", "search", "--num-blocks", "2",
+                                      "--generations", "3", "--offspring", "3", "--search-stages", "1:2,all:1",
+                                      "--search-start", "bi", "--out", str(tmp_path / "x")])
+    search = {k: v for k, v in search_options(args).items() if k != "seed"}
+    assert search == {"generations": 3, "offspring": 3, "stages": "1:2,all:1", "start": "bi"}
+    config = RunConfig(model=str(folder), out=tmp_path / "run", criterion="search", num_blocks=2, calib=str(text),
+                       n_samples=3, seq_len=16, search=search)
+    config.check()
+    selection = Pipeline(config, log=lambda _: None).selection()
+    s = selection["scores"]["extra"]["search"]
+    assert selection["method"] == "search" and selection["removed"] == s["removed"] and len(s["history"]) == 4
+    assert (tmp_path / "run" / "stages" / "scores" / "scores-search.png").is_file()
+    with pytest.raises(ShortenedError, match="chooses the set itself"):
+        RunConfig(model=str(folder), out=tmp_path / "r", criterion="search", num_blocks=2, iterative=True).check()

@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   shortened score meta-llama/Llama-3.1-70B --criterion ppl --calib wikitext2 --offload --out runs/70b.json
   shortened score meta-llama/Llama-3.1-405B --criterion ppl --calib wikitext2 --offload disk --out runs/405b.json
   shortened score smollm2-135m --criterion magnitude --norm l2 --out runs/mag.json
+  shortened score smollm2-135m --criterion search --num-blocks 6 --calib data/books/ --out runs/search.json
 """
 
 CALIB_HELP = ("calibration text: a .txt/.jsonl file, a folder or a glob; 'self' (text sampled from the model, "
@@ -75,7 +76,8 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                         "and keeps the KEEP best; the last stage is 'all' (default 1:4,3:1,all:1)")
     g.add_argument("--search-start", default=None, metavar="CRITERIA",
                    help="criteria whose selections are the candidates for the start (the best by the fitness "
-                        "is taken; default bi,angular,magnitude,taylor,ppl)")
+                        "is taken; default bi,angular,magnitude: the ones that cost no more than a dense pass; add ppl,taylor "
+                        "for theirs)")
 
 
 def search_options(args: argparse.Namespace) -> dict[str, Any]:

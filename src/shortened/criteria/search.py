@@ -14,8 +14,10 @@ from ..engine import BlockScores, Engine
 from ..errors import ShortenedError
 from ..search import DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search
 
-#: Criteria whose selections the search starts from (the best of them by the search's fitness).
-DEFAULT_START = "bi,angular,magnitude,taylor,ppl"
+#: Criteria whose selections the search starts from (the best of them by the search's fitness): those that
+#: cost at most one dense pass over the captured inputs. ``ppl`` and ``taylor`` each cost about as much as
+#: the ppl criterion (measured in BENCHMARKS.md); ``--search-start`` adds them.
+DEFAULT_START = "bi,angular,magnitude"
 
 
 def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = None, protect_first: int | None = None,
