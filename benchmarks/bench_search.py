@@ -86,7 +86,12 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=RESULTS / "search.json")
     p.add_argument("--out", type=Path, default=RESULTS / "search.md")
     p.add_argument("--redo", action="store_true", help="measure every step again")
+    p.add_argument("--neighbours", default=None, metavar="BLOCKS",
+                   help="only measure the fitness of BLOCKS (e.g. 13-18 as 13,14,15,16,17,18) and of every set one "
+                        "swap away, on the first --n-samples calibration size, and print them")
     args = p.parse_args()
+    if args.neighbours:
+        return neighbours(args, [int(b) for b in args.neighbours.split(",")])
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
     print(f"$ {command}", flush=True)
 
@@ -166,6 +171,33 @@ def main() -> int:
 
             one_shot(steps.get(f"iterative {n}", iterative_step)["removed"])
         write_report(args, steps, sizes, command)
+    return 0
+
+
+def neighbours(args, base: list[int]) -> int:
+    """Is ``base`` a local optimum? Its fitness and that of all sets one swap away, on all samples; and how
+    well the first stages' budgets (1 and 3 samples) rank them (Spearman)."""
+    from scipy.stats import spearmanr
+
+    from shortened import load_model
+    from shortened.data import calibration_data
+    from shortened.engine import Engine
+    from shortened.search import SetFitness
+
+    model, tok = load_model(args.model, dtype="float32", device="cpu")
+    n = int(args.n_samples.split(",")[0])
+    ids = calibration_data(args.calib, tok, n_samples=n, seq_len=args.seq_len, seed=args.seed).ids
+    fit = SetFitness(Engine(model, ids, batch_size=1, progress=False), "kl")
+    sets = [tuple(base)] + [tuple(sorted(set(base) - {out} | {back}))
+                            for out in base for back in range(len(fit.engine.blocks)) if back not in base]
+    full = fit.measure(sets, len(fit.caps))
+    better = [(v, s) for v, s in zip(full, sets) if v < full[0]]
+    print(f"{base}: {full[0]:.4f}; {len(sets) - 1} neighbours, {len(better)} better; best five:")
+    for v, s in sorted(zip(full[1:], sets[1:]))[:5]:
+        print(f"  {v:.4f} {list(s)}")
+    for samples in (1, 3):
+        rho = spearmanr(fit.measure(sets, fit.micro_batches(samples)), full).statistic
+        print(f"Spearman rank correlation of the fitness on {samples} sample(s) with all {n}: {rho:.3f}")
     return 0
 
 
@@ -276,6 +308,9 @@ def write_report(args, steps: Steps, sizes: list[int], command: str) -> None:
             lines.append(f"| {key.split()[1]} ({', '.join(map(str, h['removed']))}) | {h['steps_done']} | "
                          f"{h['wikitext2']:.1f} | {h['ptb']:.1f} | {h['val_before']:.3f}, {h['val_best']:.3f} |")
         lines.append("")
+    reading = args.out.with_name("search-reading.md")  # the hand-written reading of these figures
+    if reading.is_file():
+        lines += [reading.read_text().strip(), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -77,7 +77,7 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--search-start", default=None, metavar="CRITERIA",
                    help="criteria whose selections are the candidates for the start (the best by the fitness "
                         "is taken; default bi,angular,magnitude: the ones that cost no more than a dense pass; add ppl,taylor "
-                        "for theirs)")
+                        "for theirs, at about one ppl criterion's time each or more)")
 
 
 def search_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from ..errors import ShortenedError
 from ..search import DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search
 
 #: Criteria whose selections the search starts from (the best of them by the search's fitness): those that
-#: cost at most one dense pass over the captured inputs. ``ppl`` and ``taylor`` each cost about as much as
-#: the ppl criterion (measured in BENCHMARKS.md); ``--search-start`` adds them.
+#: cost at most one dense pass over the captured inputs. ``ppl`` costs one ppl criterion's time and
+#: ``taylor`` (at the search's one sample per micro-batch) more; ``--search-start`` adds them.
 DEFAULT_START = "bi,angular,magnitude"
 
 
