@@ -86,10 +86,18 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=RESULTS / "search.json")
     p.add_argument("--out", type=Path, default=RESULTS / "search.md")
     p.add_argument("--redo", action="store_true", help="measure every step again")
+    p.add_argument("--only-search", action="store_true",
+                   help="time ppl and the search and evaluate the searched set only (no other selections, "
+                        "healing or iterative run): for variants of the search, with their own --json")
     p.add_argument("--neighbours", default=None, metavar="BLOCKS",
                    help="only measure the fitness of BLOCKS (e.g. 13-18 as 13,14,15,16,17,18) and of every set one "
                         "swap away, on the first --n-samples calibration size, and print them")
+    p.add_argument("--report", action="store_true", help="only write the Markdown section from --json")
     args = p.parse_args()
+    if args.report:
+        steps = Steps(args.json, False)
+        write_report(args, steps, [int(n) for n in args.n_samples.split(",")], steps.data["meta"]["command"])
+        return 0
     if args.neighbours:
         return neighbours(args, [int(b) for b in args.neighbours.split(",")])
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
@@ -157,6 +165,10 @@ def main() -> int:
                 out["taylor+ (4/2)"] = select_blocks(taylor, num_blocks=k).remove
             return out
 
+        if args.only_search:
+            one_shot(search["removed"])
+            write_report(args, steps, sizes, command)
+            continue
         sel = steps.get(f"selections {n}", selections_step)
         for removed in [search["removed"], *sel.values()]:
             one_shot(removed)
@@ -275,7 +287,7 @@ def write_report(args, steps: Steps, sizes: list[int], command: str) -> None:
             "| selection | removed blocks | KL to the dense model (calibration) | WikiText-2 | PTB |",
             "|---|---|---|---:|---:|",
         ]
-        for name, removed in sel.items():
+        for name, removed in sel.items() if sel else ():
             kl = s["starts"].get(name, {}).get("fitness")
             lines.append(row(f"`{name}`", removed, f"{kl:.4f}" if kl is not None else ""))
         it = d.get(f"iterative {n}")
