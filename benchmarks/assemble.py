@@ -13,6 +13,7 @@ ORDER = [  # (section file, script that writes it)
     ("evaluation.md", "benchmarks/bench_eval.py"),
     ("healing.md", "benchmarks/bench_heal.py"),
     ("efficiency.md", "benchmarks/bench_efficiency.py"),
+    ("search.md", "benchmarks/bench_search.py"),
 ]
 
 HEADER = """# Benchmarks

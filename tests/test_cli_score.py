@@ -184,7 +184,7 @@ def test_empty_calibration_file_and_scores_mismatch(folder, tmp_path, capsys):
 def test_unknown_criterion_and_help(capsys):
     assert run_cli(["score", "x", "--criterion", "nope", "--out", "y.json"]) == 2
     assert capsys.readouterr().out.strip() == (
-        "shortened score: error: unknown criterion 'nope': choose one of ppl, taylor, magnitude, bi, angular, random")
+        "shortened score: error: unknown criterion 'nope': choose one of ppl, taylor, magnitude, bi, angular, random, search")
     with pytest.raises(SystemExit):
         run_cli(["score", "--help"])
     assert "examples:" in capsys.readouterr().out

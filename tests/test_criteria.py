@@ -106,9 +106,9 @@ def test_magnitude_and_random():
 
 
 def test_registry_and_defaults():
-    assert criterion_names() == ["ppl", "taylor", "magnitude", "bi", "angular", "random"]
+    assert criterion_names() == ["ppl", "taylor", "magnitude", "bi", "angular", "random", "search"]
     assert default_protection("taylor") == (4, 2) and default_protection("magnitude") == (4, 2)
-    assert default_protection("ppl") == (0, 0)
+    assert default_protection("ppl") == (0, 0) and default_protection("search") == (0, 0)
     assert get_criterion("magnitude").options() == {"norm": "l1"}
 
 

@@ -361,19 +361,32 @@ class Engine:
         if not self.vocab_chunk or not isinstance(proj, nn.Linear):
             logits = self.head(x).float()
             return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1)
+        x = self._pre_projection(x)
+        lse = self._logsumexp(x)
+        weight, bias = proj.weight, proj.bias
+        target = (x.float() * weight[targets].float()).sum(-1)
+        if bias is not None:
+            target = target + bias[targets].float()
+        return lse - self._softcap(target)
+
+    def _pre_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's modules before the output projection (the final norm) applied to ``x``."""
         for module in self._head[:-1]:
             x = module(x)
+        return x
+
+    def _logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """log-sum-exp over the vocabulary of the (linear) projection's logits for ``x`` (after the final
+        norm), in ``vocab_chunk`` slices when set."""
+        if not self.vocab_chunk:
+            return torch.logsumexp(self._softcap(self._head[-1](x)).float(), -1)
         lse = self._sliced_logsumexp(x, shift=False)
         # Unshifted sums are exact where they stay in float32's normal range; rows where a logit passed
         # ~88 (inf) or every exp underflowed are recomputed with each slice shifted by its maximum.
         bad = ~torch.isfinite(lse) | (lse < _LSE_FLOOR)
         if bad.any():
             lse[bad] = self._sliced_logsumexp(x[bad], shift=True)
-        weight, bias = proj.weight, proj.bias
-        target = (x.float() * weight[targets].float()).sum(-1)
-        if bias is not None:
-            target = target + bias[targets].float()
-        return lse - self._softcap(target)
+        return lse
 
     def _sliced_logsumexp(self, x: torch.Tensor, shift: bool) -> torch.Tensor:
         """log-sum-exp over the vocabulary of the head's logits for ``x`` [tokens, h] (after the final norm),
@@ -425,6 +438,69 @@ class Engine:
             per_token[start:end] = self.token_nll(x[start:end], targets[start:end])
         return per_token.view(r, -1).double().sum(1)
 
+    def dense_targets(self, hidden: torch.Tensor) -> "DenseTargets":
+        """What :meth:`kl_sum` needs of the dense model's next-token distributions, from its final hidden
+        states ``hidden`` [b, seq, h] (computed once, then every candidate is compared with it).
+
+        With a linear, uncapped head, ``KL(p || q) = sum p log p - sum p logit_q + lse_q`` and
+        ``sum p logit_q = x_q . (p W) + p . bias``: per token, the expected output embedding ``p W`` [h] and
+        one constant are all that is kept, not the [tokens x vocabulary] log-probabilities. Otherwise (soft
+        cap) the dense log-probabilities themselves are kept.
+        """
+        x = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        if not self._linear_kl:
+            logp = torch.cat([self.head(x[s:s + self.loss_chunk]).float().log_softmax(-1)
+                              for s in range(0, x.shape[0], self.loss_chunk)])
+            return DenseTargets(log_probs=logp)
+        proj = self._head[-1]
+        weight, bias = proj.weight, proj.bias
+        step = self.vocab_chunk or weight.shape[0]
+        means, consts = [], []
+        for s in range(0, x.shape[0], self.loss_chunk):
+            xn = self._pre_projection(x[s:s + self.loss_chunk])
+            lse = self._logsumexp(xn)
+            mean = torch.zeros(xn.shape[0], weight.shape[1], dtype=torch.float32, device=xn.device)
+            p_logit = torch.zeros(xn.shape[0], dtype=torch.float64, device=xn.device)
+            p_bias = torch.zeros_like(p_logit)
+            for v in range(0, weight.shape[0], step):
+                w = weight[v:v + step]
+                logits = (xn @ w.t() if bias is None else torch.addmm(bias[v:v + step], xn, w.t())).float()
+                prob = (logits - lse[:, None]).exp_()
+                mean.addmm_(prob, w.float())
+                p_logit += (prob * logits).sum(-1).double()
+                if bias is not None:
+                    p_bias += (prob @ bias[v:v + step].float()).double()
+            means.append(mean)
+            consts.append(p_logit - lse.double() - p_bias)  # sum p log p - p . bias
+        return DenseTargets(mean_embedding=torch.cat(means), const=torch.cat(consts))
+
+    @property
+    def _linear_kl(self) -> bool:
+        return isinstance(self._head[-1], nn.Linear) and not self.softcap
+
+    def kl_sum(self, hidden: torch.Tensor, target: "DenseTargets") -> torch.Tensor:
+        """Sum over tokens of KL(dense || candidate) of the next-token distributions, per stream ([r]):
+        ``hidden`` [r*b, seq, h] is ``r`` candidates' final hidden states for the micro-batch of ``target``."""
+        x = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        n = target.num_tokens
+        sums = torch.zeros(x.shape[0] // n, dtype=torch.float64, device=x.device)
+        for i in range(sums.shape[0]):
+            for start in range(0, n, self.loss_chunk):
+                chunk = x[i * n + start:i * n + min(n, start + self.loss_chunk)]
+                sums[i] += self._token_kl(chunk, target, start).sum()
+        return sums
+
+    def _token_kl(self, x: torch.Tensor, target: "DenseTargets", offset: int) -> torch.Tensor:
+        """Per-token KL of the candidate's final hidden states ``x`` against the dense rows from ``offset``."""
+        rows = slice(offset, offset + x.shape[0])
+        if target.log_probs is not None:
+            logp = target.log_probs[rows]
+            logq = self.head(x).float().log_softmax(-1)
+            return (logp.exp() * (logp - logq)).sum(-1).double()
+        xn = self._pre_projection(x)
+        dot = (xn.double() * target.mean_embedding[rows].double()).sum(-1)
+        return target.const[rows] - dot + self._logsumexp(xn).double()
+
     # ----------------------------------------------------------------- computations
     def removal_nll(self, candidates: Sequence[int] | None = None) -> dict[int, float]:
         """Mean next-token NLL of the model with each candidate block (one at a time) also removed.
@@ -473,6 +549,40 @@ class Engine:
                         del streams[m][i]
         return {i: totals[i] / count for i in sorted(totals)}
 
+    def removal_set_outputs(self, sets: Sequence[Sequence[int]], captures: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Final hidden states (before the head) of the model with each set of blocks removed, for the
+        micro-batches ``captures`` (indices into :attr:`captures`): ``out[c][s]`` for set ``s``.
+
+        Blocks are visited once, in order. Streams are shared while sets agree on the blocks so far: at
+        block ``j`` the candidates whose removals before ``j`` are the same have one stream, the dense
+        prefix is the captured inputs themselves, and a stream splits only where one candidate keeps
+        ``j`` and another removes it; so a set is computed from its first removed block on, and
+        offspring of one parent share the parent's stream up to their first change.
+        """
+        if self.skip:
+            raise ShortenedError("removal sets are computed on an engine with no skipped blocks")
+        removed = [frozenset(s) for s in sets]
+        caps = [self.captures[m] for m in captures]
+        prefix: list[tuple[int, ...]] = [() for _ in sets]  # removed blocks before the current one
+        streams: list[dict[tuple[int, ...], torch.Tensor]] = [{} for _ in caps]  # () = captured input
+        last = self.num_blocks - 1
+        with torch.inference_mode(), self.parallel():
+            for j in range(self.num_blocks):
+                keep = sorted({p for p, r in zip(prefix, removed) if j not in r})
+                drop = sorted({p for p, r in zip(prefix, removed) if j in r})
+                run = [p for p in keep if p or j == last]  # the dense stream is the next captured input
+                inputs = [{p: cap.inputs[j] if not p else streams[m][p] for p in {*run, *drop}}
+                          for m, cap in enumerate(caps)]
+                outs: list[list[torch.Tensor]] = [[] for _ in caps]
+                if run:
+                    with self.on_device(j) as block:
+                        outs = self.run_block(block, j, [(cap, [inputs[m][p] for p in run])
+                                                         for m, cap in enumerate(caps)])
+                streams = [{**{p + (j,): inputs[m][p] for p in drop}, **dict(zip(run, outs[m]))}
+                           for m in range(len(caps))]
+                prefix = [p + (j,) if j in r else p for p, r in zip(prefix, removed)]
+        return [[streams[m][p] for p in prefix] for m in range(len(caps))]
+
     def dense_hiddens(self, reduce: str = "all") -> list[list[torch.Tensor]]:
         """Per micro-batch, the residual stream at every active block boundary: inputs of the active
         blocks in order, then the last active block's output (``len(active) + 1`` tensors).
@@ -501,6 +611,20 @@ class Engine:
 
     def num_targets(self) -> int:
         return sum(c.ids.shape[0] * (c.ids.shape[1] - 1) for c in self.captures)
+
+
+@dataclass
+class DenseTargets:
+    """The dense model's next-token distributions of one micro-batch, as :meth:`Engine.kl_sum` uses them:
+    per token, the expected output embedding and a constant (linear head), or the log-probabilities."""
+
+    mean_embedding: torch.Tensor | None = None  # [tokens, h]
+    const: torch.Tensor | None = None           # [tokens], float64
+    log_probs: torch.Tensor | None = None       # [tokens, vocab]
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.log_probs if self.log_probs is not None else self.const).shape[0]  # type: ignore[union-attr]
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -47,6 +47,7 @@ class RunConfig:
     protect_last: int | None = None
     iterative: bool = False
     contiguous: bool = False
+    search: dict[str, Any] = field(default_factory=dict)  # options of criterion "search" (generations, ...)
     # calibration
     calib: str = "self"
     n_samples: int = 10
@@ -86,6 +87,8 @@ class RunConfig:
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ShortenedError(f"number of blocks to remove must be positive, got {self.num_blocks}")
         get_criterion(self.criterion)
+        if self.criterion == "search" and (self.iterative or self.contiguous):
+            raise ShortenedError("--criterion search chooses the set itself: no --iterative or --contiguous")
         if self.heal is not None:
             from .heal import parse_chain
 
@@ -158,7 +161,8 @@ class Pipeline:
 
         settings = dict(model=self.c.model, criterion=self.c.criterion, ratio=self.c.ratio,
                         num_blocks=self.c.num_blocks, protect_first=self.c.protect_first,
-                        protect_last=self.c.protect_last, iterative=self.c.iterative, contiguous=self.c.contiguous)
+                        protect_last=self.c.protect_last, iterative=self.c.iterative, contiguous=self.c.contiguous,
+                        search=self.c.search)
         needs_data = get_criterion(self.c.criterion).needs_data
         if needs_data:
             ids, calib = self.calibration()
@@ -178,10 +182,13 @@ class Pipeline:
                 plan, history = iterative_select(model, ids, self.c.criterion, progress=self.c.progress, **sel)
                 scores = history[0]
             else:
-                scores = score_blocks(model, ids, self.c.criterion, progress=self.c.progress)
+                # the search chooses the set itself, so it takes the selection request as options
+                options = {**sel, **self.c.search, "seed": self.c.seed} if self.c.criterion == "search" else {}
+                scores = score_blocks(model, ids, self.c.criterion, progress=self.c.progress, **options)
                 plan = select_blocks(scores, contiguous=self.c.contiguous, **sel)
             record = scores_record(self.c.model, model, scores, calib)
-            write_scores_files(record, output_paths(str(tmp / "scores.json")), highlight=plan.remove)
+            write_scores_files(record, output_paths(str(tmp / "scores.json"), search=self.c.criterion == "search"),
+                               highlight=plan.remove)
             plan_dict = plan.to_dict()
             steps = plan_dict.pop("steps", [])
             write_json(tmp / "selection.json", {
@@ -334,7 +341,8 @@ class Pipeline:
             if item.is_file() and item.suffix in _MODEL_FILE_SUFFIXES and item.name != "stage.json":
                 _link_or_copy(item, self.out / item.name)
         plots = []
-        for stage, name in (("scores", "scores.png"), ("bench", "bench.png"), (final.name, "loss.png")):
+        for stage, name in (("scores", "scores.png"), ("scores", "scores-search.png"), ("bench", "bench.png"),
+                            (final.name, "loss.png")):
             src = self.stages.folder(stage) / name
             if src.is_file():
                 _link_or_copy(src, self.out / name)

@@ -1,20 +1,17 @@
-"""A bar chart of block scores (matplotlib, Agg backend: no display needed)."""
+"""Plots of block scores and of the block-set search (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def plot_scores(scores: Sequence[float | None], path: str | os.PathLike, *, title: str = "",
                 ylabel: str = "score", highlight: Sequence[int] = ()) -> Path:
     """Write a bar chart of one score per block to ``path`` (PNG); ``highlight`` bars are drawn red."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     marked = set(highlight)
     xs = list(range(len(scores)))
     ys = [float("nan") if s is None else s for s in scores]
@@ -34,3 +31,40 @@ def plot_scores(scores: Sequence[float | None], path: str | os.PathLike, *, titl
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def plot_search(search: dict[str, Any], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Write the search's fitness over generations to ``path`` (PNG): the parent's fitness (a step line),
+    each generation's best child on the full calibration set (dots), and the starting selections."""
+    plt = _pyplot()
+    history = search["history"]
+    gens = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(7.0, 3.5))
+    try:
+        ax.plot(gens[1:], [h["candidate"] for h in history[1:]], ".", color="tab:gray", label="best child")
+        ax.step(gens, [h["fitness"] for h in history], where="post", color="tab:blue", label="parent")
+        for name, start in search["starts"].items():
+            ax.axhline(start["fitness"], color="tab:orange", lw=0.6, ls=":")
+            ax.annotate(name, (0, start["fitness"]), fontsize=7, color="tab:orange", va="bottom")
+        ax.set_xlabel("generation")
+        ax.set_ylabel(f"fitness ({search['fitness_kind']})")
+        finite = [s["fitness"] for s in search["starts"].values()] + [h["candidate"] for h in history]
+        if min(finite) > 0 and max(finite) / min(finite) > 20:
+            ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -9,7 +9,9 @@ Rules (tested as properties):
   heuristic: 4 and 2 by default for ``taylor`` and ``magnitude``, 0 and 0 otherwise);
 - ``contiguous``: the span of ``k`` adjacent unprotected blocks with the lowest span score (angular's own
   span distance when available, otherwise the sum of the block scores), lowest start on ties;
-- otherwise the ``k`` lowest scores, lower index first on ties.
+- otherwise the ``k`` lowest scores, lower index first on ties;
+- scores of ``search`` are its one set written as scores (0 = removed): only the request it was searched
+  for selects them (method "search"); any other is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class PruningPlan:
     remove: list[int]
     num_blocks: int
     criterion: str
-    method: str                       # "lowest", "contiguous" or "iterative"
+    method: str                       # "lowest", "contiguous", "iterative" or "search"
     protect_first: int
     protect_last: int
     requested: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +144,9 @@ def select_blocks(
         chosen = sorted(eligible, key=lambda i: (values[i], i))[:k]
         plan.remove = sorted(chosen)
         plan.chosen_scores = {i: float(values[i]) for i in plan.remove}  # type: ignore[arg-type]
+        _check_searched_set(bs, plan)
         return plan
+    _check_searched_set(bs, plan)
 
     ok = set(eligible)
     spans = bs.span_scores
@@ -162,6 +166,19 @@ def select_blocks(
     plan.chosen_scores = {best[1]: best[0]}
     plan.requested["span_score"] = "span distance" if use_spans else "sum of block scores"
     return plan
+
+
+def _check_searched_set(scores: BlockScores, plan: PruningPlan) -> None:
+    """Scores of ``--criterion search`` are one set written as scores: only the request it was searched
+    for selects that set (another count, protection or a contiguous span would pick an arbitrary one)."""
+    search = scores.extra.get("search")
+    if not search:
+        return
+    if plan.method == "contiguous" or plan.remove != sorted(search["removed"]):
+        raise ShortenedError(
+            f"these scores are a search for {len(search['removed'])} blocks ({sorted(search['removed'])}); "
+            "select them with the request they were searched for, or run the search again with this one")
+    plan.method = "search"
 
 
 def iterative_select(
@@ -185,6 +202,8 @@ def iterative_select(
     from .archs import num_blocks as count_blocks
     from .criteria import score_blocks
 
+    if criterion == "search":
+        raise ShortenedError("the search chooses the whole set at once; it cannot be made iterative")
     n = count_blocks(model)
     k = check_request(n, criterion, num_blocks=num_blocks, ratio=ratio,
                       protect_first=protect_first, protect_last=protect_last)

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   shortened prune smollm2-135m --scores runs/ppl.json --num-blocks 6 --out runs/ppl6
   shortened prune smollm2-135m --criterion ppl --calib self --iterative --num-blocks 6 --out runs/sleb6
   shortened prune smollm2-135m --criterion angular --calib self --contiguous --num-blocks 6 --out runs/ang6
+  shortened prune smollm2-135m --criterion search --calib data/books/ --num-blocks 6 --generations 60 --out runs/s6
 """
 
 

@@ -52,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--protect-last", type=int, default=None, help="never remove the last M blocks (default: the criterion's)")
     s.add_argument("--iterative", action="store_true", help="remove one block at a time, re-scoring the rest")
     s.add_argument("--contiguous", action="store_true", help="remove one contiguous span of blocks")
+    from .score import add_search_args
+
+    add_search_args(p)
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="self", help="calibration text: files/folders/globs, self, wikitext2, hf:NAME...")
     c.add_argument("--n-samples", type=int, default=10, help="calibration samples")
@@ -97,9 +100,14 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import RunConfig, run_pipeline
     from ..recipes import get_recipe
 
+    from .score import search_options
+
     recipe = get_recipe(args.recipe)
     heal = args.heal if args.heal is not None else recipe.heal
+    args.criterion = args.criterion or recipe.criterion
     ratio = args.ratio if args.ratio is not None or args.num_blocks is not None else 0.2
+    search = search_options(args)
+    search.pop("seed", None)  # the run's --seed, recorded once
     ppl, tasks = _split_eval(args.eval)
     heal_options = {k: v for k, v in dict(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size,
                                           grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len,
@@ -108,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
     if args.bench_repeats < 1:
         raise ShortenedError("--bench-repeats must be at least 1")
     config = RunConfig(
-        model=args.model, out=Path(args.out), recipe=recipe.name, criterion=args.criterion or recipe.criterion,
+        model=args.model, out=Path(args.out), recipe=recipe.name, criterion=args.criterion,
         ratio=ratio, num_blocks=args.num_blocks,
         protect_first=args.protect_first if args.protect_first is not None else recipe.protect_first,
-        protect_last=args.protect_last, iterative=args.iterative,
-        contiguous=args.contiguous, calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
+        protect_last=args.protect_last, iterative=args.iterative, contiguous=args.contiguous, search=search,
+        calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
         seed=args.seed, heal=None if heal == "none" else heal, heal_data=args.heal_data,
         heal_data_kind=recipe.heal_data,
         heal_options=heal_options, data_dir=args.data_dir, eval_ppl=ppl, eval_tasks=tasks,

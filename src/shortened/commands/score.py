@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   shortened score meta-llama/Llama-3.1-70B --criterion ppl --calib wikitext2 --offload --out runs/70b.json
   shortened score meta-llama/Llama-3.1-405B --criterion ppl --calib wikitext2 --offload disk --out runs/405b.json
   shortened score smollm2-135m --criterion magnitude --norm l2 --out runs/mag.json
+  shortened score smollm2-135m --criterion search --num-blocks 6 --calib data/books/ --out runs/search.json
 """
 
 CALIB_HELP = ("calibration text: a .txt/.jsonl file, a folder or a glob; 'self' (text sampled from the model, "
@@ -44,6 +45,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: boo
     opt.add_argument("--norm", choices=("l1", "l2"), default=None, help="magnitude: sum of |w| (l1) or the L2 norm")
     opt.add_argument("--angular-tokens", choices=("last", "all"), default=None,
                      help="angular: distance at the last token of each sample (the paper) or over all tokens")
+    add_search_args(parser)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--batch-size", type=int, default=None, help="calibration samples per micro-batch (default: all)")
     eng.add_argument("--offload", nargs="?", const="cpu", choices=("cpu", "disk"), default=None,
@@ -51,6 +53,43 @@ def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: boo
                           "given without a value) keeps the blocks in memory, 'disk' keeps them in the model's "
                           "safetensors files and reads each when visited (models larger than memory)")
     add_progress_arg(eng)
+
+
+#: The search's options on the command line: flag -> option of the search criterion.
+SEARCH_FLAGS = {"--fitness": "fitness", "--generations": "generations", "--offspring": "offspring",
+                "--search-stages": "stages", "--search-start": "start"}
+
+
+def add_search_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``--criterion search`` (shared by score, prune and run)."""
+    g = parser.add_argument_group("search (with --criterion search: an evolutionary search for the set)")
+    g.add_argument("--fitness", choices=("kl", "ppl"), default=None,
+                   help="what the search minimises: mean KL(dense || pruned) of the next-token distributions "
+                        "on the calibration tokens (kl, the default) or their perplexity (ppl)")
+    g.add_argument("--generations", type=int, default=None, help="generations of the search (default 30)")
+    g.add_argument("--offspring", type=int, default=None, help="children per generation (default 16)")
+    g.add_argument("--search-stages", default=None, metavar="N:KEEP,...",
+                   help="token budgets: each stage measures the children on the first N calibration samples "
+                        "and keeps the KEEP best; the last stage is 'all' (default 1:4,3:1,all:1)")
+    g.add_argument("--search-start", default=None, metavar="CRITERIA",
+                   help="criteria whose selections are the candidates for the start (the best by the fitness "
+                        "is taken; default bi,angular,magnitude: the ones that cost no more than a dense pass; add ppl,taylor "
+                        "for theirs, at about one ppl criterion's time each or more)")
+
+
+def search_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The search options given on the command line (refused with any other criterion)."""
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in SEARCH_FLAGS.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.criterion != "search":
+        flag = next((f for f, k in SEARCH_FLAGS.items() if k in given), None)
+        if flag:
+            raise ShortenedError(f"{flag} applies to --criterion search, not {args.criterion}")
+        return {}
+    for flag in ("iterative", "contiguous"):
+        if getattr(args, flag, False):
+            raise ShortenedError(f"--{flag} cannot be combined with --criterion search (the search chooses the set)")
+    return {**given, "seed": args.seed}
 
 
 def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,6 +108,10 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
         options[key] = value
     if args.criterion == "random":
         options["seed"] = args.seed
+    options.update(search_options(args))
+    if args.criterion == "search":  # it chooses the set itself, so it takes the selection request
+        options.update(num_blocks=args.num_blocks, ratio=args.ratio, protect_first=args.protect_first,
+                       protect_last=args.protect_last)
     return options
 
 
@@ -120,22 +163,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     add_model_args(p)
     add_scoring_args(p)
+    sel = p.add_argument_group("selection request (with --criterion search, which chooses the set)")
+    count = sel.add_mutually_exclusive_group()
+    count.add_argument("--num-blocks", type=int, default=None, help="number of blocks to remove")
+    count.add_argument("--ratio", type=float, default=None, help="fraction of the blocks to remove, rounded half up")
+    sel.add_argument("--protect-first", type=int, default=None, help="never remove the first K blocks (default 0)")
+    sel.add_argument("--protect-last", type=int, default=None, help="never remove the last M blocks (default 0)")
     p.add_argument("--out", required=True, help="scores JSON file; the CSV and the PNG chart go next to it")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
 
 
-def output_paths(out: str) -> dict[str, Path]:
-    """``a.v1.json`` (or ``a.v1``) -> a.v1.json, a.v1.csv, a.v1.png: only a final .json is replaced."""
+def output_paths(out: str, *, search: bool = False) -> dict[str, Path]:
+    """``a.v1.json`` (or ``a.v1``) -> a.v1.json, a.v1.csv, a.v1.png (and, for the search, the fitness
+    plot a.v1-search.png): only a final .json is replaced."""
     base = Path(out)
     stem = base.name[:-len(".json")] if base.suffix.lower() == ".json" else base.name
-    return {kind: base.with_name(f"{stem}.{kind}") for kind in ("json", "csv", "png")}
+    paths = {kind: base.with_name(f"{stem}.{kind}") for kind in ("json", "csv", "png")}
+    if search:
+        paths["search"] = base.with_name(f"{stem}-search.png")
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
     from ..io import claim_outputs
 
-    with claim_outputs(list(output_paths(args.out).values()), overwrite=args.overwrite):  # before any work
+    paths = output_paths(args.out, search=args.criterion == "search")
+    with claim_outputs(list(paths.values()), overwrite=args.overwrite):  # before any work
         return _run(args)
 
 
@@ -143,8 +197,14 @@ def _run(args: argparse.Namespace) -> int:
     from ..archs import get_arch
     from ..io import library_versions, now_iso
 
-    paths = output_paths(args.out)
+    paths = output_paths(args.out, search=args.criterion == "search")
     criterion_options(args)  # option mistakes before the load too
+    given = [f for f in ("num_blocks", "ratio", "protect_first", "protect_last") if getattr(args, f) is not None]
+    if args.criterion == "search" and args.num_blocks is None and args.ratio is None:
+        raise ShortenedError("--criterion search chooses a set: say how many blocks, --num-blocks N or --ratio R")
+    if args.criterion != "search" and given:
+        raise ShortenedError(f"--{given[0].replace('_', '-')} is a selection request; 'shortened score' takes it "
+                             "only with --criterion search (use 'shortened prune' to select)")
     model, tokenizer = load_for_scoring(args)
     scores, calib = compute_scores(args, model, tokenizer)
     record = scores_record(args.model, model, scores, calib)
@@ -175,7 +235,13 @@ def write_scores_files(record: dict[str, Any], paths: dict[str, Path], highlight
     for i, s in enumerate(scores):
         w.writerow([i, "" if s is None else repr(float(s))])
     title = f"{record['criterion']} scores, {record.get('model', '')}"
-    with atomic_outputs([paths["csv"], paths["png"], paths["json"]], overwrite=overwrite) as (csv_tmp, png_tmp, json_tmp):
-        csv_tmp.write_text(buf.getvalue())
-        plot_scores(scores, png_tmp, title=title, ylabel=record["criterion"], highlight=highlight or ())
-        json_tmp.write_text(json_text(record))
+    search = record.get("extra", {}).get("search") if "search" in paths else None
+    targets = [paths["csv"], paths["png"], *([paths["search"]] if search else []), paths["json"]]
+    with atomic_outputs(targets, overwrite=overwrite) as tmps:
+        tmps[0].write_text(buf.getvalue())
+        plot_scores(scores, tmps[1], title=title, ylabel=record["criterion"], highlight=highlight or ())
+        if search:
+            from ..plots import plot_search
+
+            plot_search(search, tmps[2], title=f"search, {record.get('model', '')}")
+        tmps[-1].write_text(json_text(record))

@@ -8,6 +8,8 @@ Every criterion returns one score per block, lower = less important (the block t
 - ``bi``: Block Influence, ``1 - cos(input, output)`` averaged over tokens (ShortGPT).
 - ``angular``: ``arccos(cos(h_l, h_(l+n))) / pi`` (Gromov et al.); per-span scores for every n too.
 - ``random``: seeded uniform scores, the baseline.
+- ``search``: not a per-block score but an evolutionary search for the whole set (EvoPress-style, fitness
+  KL to the dense model); it takes the selection request as options, see :mod:`shortened.criteria.search`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Criterion:
     #: Default (protect_first, protect_last) for selection: the paper's "+" heuristic where it needed it.
     protect: tuple[int, int]
     description: str
+    #: Samples per micro-batch when the caller does not say (None: one micro-batch per worker); the search
+    #: measures candidates on a growing number of samples, so it wants them one by one.
+    micro_batch: int | None = None
 
     def options(self) -> dict[str, Any]:
         """The criterion's options and their defaults."""
@@ -44,9 +49,9 @@ class Criterion:
 
 
 def _registry() -> dict[str, Criterion]:
-    from . import angular, bi, magnitude, ppl, random, taylor
+    from . import angular, bi, magnitude, ppl, random, search, taylor
 
-    return {c.name: c for c in (m.CRITERION for m in (ppl, taylor, magnitude, bi, angular, random))}
+    return {c.name: c for c in (m.CRITERION for m in (ppl, taylor, magnitude, bi, angular, random, search))}
 
 
 CRITERIA: dict[str, Criterion] = _registry()
@@ -116,7 +121,7 @@ def score_blocks(
         engine_kw["workers"] = workers
     mode = _offload_mode(model, offload)
     with _offloaded(model, spec, mode, device) as exec_device:
-        engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip, batch_size=batch_size,
+        engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip, batch_size=batch_size or crit.micro_batch,
                         offload=bool(mode), device=exec_device, progress=progress, spec=spec, **engine_kw)
         values, extra = crit.fn(engine, **options)
     if len(values) != len(engine.active):

@@ -1,0 +1,73 @@
+"""``search``: an evolutionary search for the whole set of blocks to remove (see :mod:`shortened.search`).
+
+Unlike the other criteria it chooses a set, so it takes the selection request itself (``num_blocks`` or
+``ratio``, ``protect_first``, ``protect_last``). Its per-block scores are that set written as scores: 0
+for the blocks it removes, 1 for the others (so the usual selection of the k lowest picks the set);
+``extra["search"]`` holds the fitness, the starting selections and the history of every generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine import BlockScores, Engine
+from ..errors import ShortenedError
+from ..search import DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search
+
+#: Criteria whose selections the search starts from (the best of them by the search's fitness): those that
+#: cost at most one dense pass over the captured inputs. ``ppl`` costs one ppl criterion's time and
+#: ``taylor`` (at the search's one sample per micro-batch) more; ``--search-start`` adds them.
+DEFAULT_START = "bi,angular,magnitude"
+
+
+def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = None, protect_first: int | None = None,
+          protect_last: int | None = None, fitness: str = "kl", generations: int = DEFAULT_GENERATIONS,
+          offspring: int = DEFAULT_OFFSPRING, stages: str = DEFAULT_STAGES, start: str = DEFAULT_START,
+          seed: int = 1234) -> tuple[list[float], dict[str, Any]]:
+    from ..selection import check_request
+
+    if engine.skip:
+        raise ShortenedError("the search chooses the whole set; it cannot run with blocks already removed "
+                             "(--iterative)")
+    n = engine.num_blocks
+    k = check_request(n, "search", num_blocks=num_blocks, ratio=ratio, protect_first=protect_first,
+                      protect_last=protect_last)
+    check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])  # before the starts
+    first, last = protect_first or 0, protect_last or 0  # the search's own default protection: none
+    eligible = list(range(first, n - last))
+    starts = starting_selections(engine, k, first, last, start, seed)
+    result = evolutionary_search(engine, k, eligible, starts, fitness=fitness, generations=generations,
+                                 offspring=offspring, stages=stages, seed=seed, progress=engine.progress)
+    removed = set(result.removed)
+    return [0.0 if i in removed else 1.0 for i in engine.active], {"search": result.to_dict()}
+
+
+def starting_selections(engine: Engine, k: int, protect_first: int, protect_last: int, start: str,
+                        seed: int) -> dict[str, list[int]]:
+    """The blocks each criterion in ``start`` (comma list) would remove under the same request, on the
+    same engine (one capture for all); ``angular`` also gives its best contiguous span."""
+    from ..selection import select_blocks
+    from . import get_criterion
+
+    names = [s.strip() for s in start.split(",") if s.strip()]
+    if not names or "search" in names:
+        raise ShortenedError(f"the search starts from other criteria's selections (e.g. {DEFAULT_START}), got '{start}'")
+    crits = [get_criterion(name) for name in names]  # every name checked before any is computed
+    out: dict[str, list[int]] = {}
+    for name, crit in zip(names, crits):
+        values, extra = crit.fn(engine, **({"seed": seed} if "seed" in crit.options() else {}))
+        scores = BlockScores(name, list(values), span_scores=extra.get("span_scores"))
+        sel = dict(num_blocks=k, protect_first=protect_first, protect_last=protect_last)
+        out[name] = select_blocks(scores, **sel).remove
+        if scores.span_scores is not None:
+            try:
+                out[f"{name} contiguous"] = select_blocks(scores, contiguous=True, **sel).remove
+            except ShortenedError:  # no run of k adjacent unprotected blocks
+                pass
+    return out
+
+
+from . import Criterion  # noqa: E402
+
+CRITERION = Criterion("search", score, needs_data=True, protect=(0, 0), micro_batch=1,
+                      description="evolutionary search for the set of blocks (KL to the dense model)")

@@ -1,0 +1,229 @@
+"""The evolutionary block-set search: its fitness against a pruned copy, brute force, seeds, bad input."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+
+from shortened.criteria import score_blocks
+from shortened.engine import Engine
+from shortened.errors import ShortenedError
+from shortened.search import SetFitness, evolutionary_search, parse_stages
+from shortened.surgery import remove_blocks
+from tiny_models import N_LAYERS, TINY_CONFIGS, tiny_inputs, tiny_model
+
+# the linear-head path (llama, opt, gpt2: tied embeddings) and the soft-capped one that keeps log-probs (gemma2)
+ARCHS = ["gemma2", "gpt2", "llama", "opt"]
+
+
+def reference_fitness(model: torch.nn.Module, ids: torch.Tensor, removed: list[int], fitness: str) -> float:
+    """Delete the blocks from a float64 copy of the model, run it, and compare with torch by hand."""
+    dense = copy.deepcopy(model).double()
+    pruned = copy.deepcopy(dense)
+    remove_blocks(pruned, removed)
+    with torch.no_grad():
+        logp = dense(ids, use_cache=False).logits[:, :-1].log_softmax(-1)
+        logq = pruned(ids, use_cache=False).logits[:, :-1].log_softmax(-1)
+    if fitness == "kl":
+        return float((logp.exp() * (logp - logq)).sum(-1).mean())
+    nll = -logq.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return math.exp(float(nll.mean()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fitness_equals_a_pruned_copy(arch):
+    model = tiny_model(arch)
+    ids = tiny_inputs(batch=3, length=20)
+    sets = [(0,), (2, 3), (1, 4, 5), (0, 2, 4)]
+    for fitness in ("kl", "ppl"):
+        engine = Engine(model, ids, batch_size=1, progress=False)
+        got = SetFitness(engine, fitness).measure(sets, 3)
+        for s, value in zip(sets, got):
+            expected = reference_fitness(model, ids, list(s), fitness)
+            assert value == pytest.approx(expected, rel=1e-4, abs=1e-7), (arch, fitness, s)
+
+
+def deeper_llama(layers: int, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "num_hidden_layers": layers})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def search(model, ids, **kw):
+    kw = {"num_blocks": 3, "generations": 12, "offspring": 6, "stages": "1:3,all:1", "progress": False, **kw}
+    return score_blocks(model, ids, "search", **kw)
+
+
+def test_search_is_never_worse_than_its_start_and_records_its_history():
+    model = deeper_llama(10)
+    ids = tiny_inputs(batch=4, length=24)
+    got = search(model, ids, start="bi,magnitude")
+    s = got.extra["search"]
+    starts = {name: v["fitness"] for name, v in s["starts"].items()}
+    assert set(starts) == {"bi", "magnitude"} and s["start"] == min(starts, key=starts.get)
+    assert s["fitness"] <= min(starts.values())
+    fitness = [h["fitness"] for h in s["history"]]
+    assert fitness == sorted(fitness, reverse=True) and len(fitness) == 13
+    assert s["fitness"] == pytest.approx(reference_fitness(model, ids, s["removed"], "kl"), rel=1e-4)
+    assert got.scores == [0.0 if i in s["removed"] else 1.0 for i in range(10)] and len(s["removed"]) == 3
+    assert got.settings["generations"] == 12 and got.settings["batch_size"] == 1  # one sample per micro-batch
+
+
+@pytest.mark.parametrize("fitness,protect", [("kl", (0, 0)), ("ppl", (1, 1))])
+def test_search_finds_the_exhaustive_optimum(fitness, protect):
+    model = deeper_llama(7, seed=1)
+    ids = tiny_inputs(batch=3, length=20, seed=1)
+    first, last = protect
+    pool = range(first, 7 - last)
+    brute = {s: reference_fitness(model, ids, list(s), fitness) for s in itertools.combinations(pool, 3)}
+    best = min(brute, key=brute.get)
+    got = search(model, ids, fitness=fitness, protect_first=first, protect_last=last, generations=25,
+                 start="magnitude")
+    s = got.extra["search"]
+    assert tuple(s["removed"]) == best and s["fitness"] == pytest.approx(brute[best], rel=1e-4)
+    assert all(first <= i < 7 - last for h in s["history"] for i in h["removed"])
+
+
+def test_same_seed_same_search():
+    model = deeper_llama(9)
+    ids = tiny_inputs(batch=3, length=16)
+    a, b = (search(model, ids, seed=5, start="bi").extra["search"] for _ in range(2))
+
+    def untimed(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert a["removed"] == b["removed"] and a["fitness"] == b["fitness"]
+    assert untimed(a["history"]) == untimed(b["history"])
+    c = search(model, ids, seed=6, start="bi").extra["search"]
+    assert [h["candidate"] for h in c["history"]] != [h["candidate"] for h in a["history"]]  # the seed is used
+
+
+@pytest.mark.parametrize("offload,workers", [(True, 1), (False, 1), (True, 2)])
+def test_offloaded_and_serial_searches_equal_the_default(offload, workers):
+    model = deeper_llama(8)
+    ids = tiny_inputs(batch=4, length=16)
+    base = search(model, ids, start="bi").extra["search"]
+    got = search(model, ids, start="bi", offload=offload, device="cpu", workers=workers).extra["search"]
+    assert got["removed"] == base["removed"]
+    assert [h["candidate"] for h in got["history"]] == pytest.approx([h["candidate"] for h in base["history"]],
+                                                                      rel=1e-5)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"num_blocks": 4, "protect_first": 2, "protect_last": 1}, "cannot remove 4 blocks: only 3 of 6 are unprotected"),
+    ({}, "give exactly one of --num-blocks and --ratio"),
+    ({"num_blocks": 2, "fitness": "nll"}, "unknown search fitness 'nll'"),
+    ({"num_blocks": 2, "stages": "1:3,2:1"}, "the last search stage must use all 3 samples"),
+    ({"num_blocks": 2, "stages": "2:2,1:1,all:1"}, "more samples and keep fewer"),
+    ({"num_blocks": 2, "stages": "1:9,all:1"}, "at most the 4 children"),
+    ({"num_blocks": 2, "stages": "x"}, "samples:kept"),
+    ({"num_blocks": 2, "start": "search"}, "other criteria's selections"),
+    ({"num_blocks": 2, "start": "bi,nope"}, "unknown criterion 'nope'"),
+])
+def test_bad_search_requests(options, message):
+    with pytest.raises(ShortenedError, match=message):
+        score_blocks(tiny_model("llama"), tiny_inputs(batch=3), "search", offspring=4, progress=False, **options)
+
+
+def test_stages_parse():
+    assert parse_stages("1:4,3:1,all:1", 10, 16) == [(1, 4), (3, 1), (10, 1)]
+    assert parse_stages("2:2,all:1", 1, 4) == [(1, 2), (1, 1)]  # more samples than there are: all of them
+
+
+def test_only_the_searched_request_selects_the_searched_set():
+    from shortened.selection import iterative_select, select_blocks
+
+    model = tiny_model("llama")
+    ids = tiny_inputs(batch=2)
+    got = search(model, ids, num_blocks=2, generations=2, offspring=2, stages="1:2,all:1", start="bi")
+    plan = select_blocks(got, num_blocks=2)
+    assert plan.remove == got.extra["search"]["removed"] and plan.method == "search"
+    # a protection that excludes a searched block (and leaves room for 2 others)
+    protect = ({"protect_first": plan.remove[0] + 1} if plan.remove[0] <= 3
+               else {"protect_last": N_LAYERS - plan.remove[-1]})
+    for kw in ({"num_blocks": 3}, {"num_blocks": 2, "contiguous": True}, {"num_blocks": 2, **protect}):
+        with pytest.raises(ShortenedError, match="these scores are a search for 2 blocks"):
+            select_blocks(got, **kw)
+    with pytest.raises(ShortenedError, match="cannot be made iterative"):
+        iterative_select(model, ids, "search", num_blocks=2)
+
+
+# ----------------------------------------------------------------------------- command line
+from test_cli_score import folder, run_cli, text  # noqa: E402,F401  (fixtures: a saved tiny llama, its text)
+
+FAST = ["--generations", "3", "--offspring", "3", "--search-stages", "1:2,all:1", "--search-start", "bi,magnitude",
+        "--n-samples", "3", "--seq-len", "16", "--no-progress"]
+
+
+def test_score_and_prune_with_the_search(folder, text, tmp_path):
+    import json
+
+    out = tmp_path / "search.json"
+    assert run_cli(["score", str(folder), "--criterion", "search", "--num-blocks", "2", "--calib", str(text),
+                    "--out", str(out), *FAST]) == 0
+    record = json.loads(out.read_text())
+    s = record["extra"]["search"]
+    assert len(s["history"]) == 4 and len(s["removed"]) == 2 and set(s["starts"]) == {"bi", "magnitude"}
+    assert record["scores"] == [0.0 if i in s["removed"] else 1.0 for i in range(N_LAYERS)]
+    assert record["settings"]["generations"] == 3 and record["settings"]["seed"] == 1234
+    assert (tmp_path / "search-search.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert run_cli(["prune", str(folder), "--scores", str(out), "--num-blocks", "2", "--out", str(tmp_path / "a")]) == 0
+    pruned = json.loads((tmp_path / "a" / "pruning.json").read_text())
+    assert pruned["removed_blocks"] == s["removed"] and pruned["selection"]["method"] == "search"
+
+    assert run_cli(["prune", str(folder), "--criterion", "search", "--num-blocks", "2", "--calib", str(text),
+                    "--out", str(tmp_path / "b"), *FAST]) == 0
+    direct = json.loads((tmp_path / "b" / "pruning.json").read_text())["selection"]
+    again = direct["scores"]["extra"]["search"]
+    assert direct["removed"] == s["removed"] and direct["method"] == "search"  # same seed: the same search
+    assert [h["fitness"] for h in again["history"]] == [h["fitness"] for h in s["history"]]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["score", "--criterion", "search", "--num-blocks", "4", "--protect-first", "2", "--protect-last", "1"],
+     "cannot remove 4 blocks: only 3 of 6 are unprotected"),
+    (["prune", "--criterion", "search", "--num-blocks", "4", "--protect-first", "2", "--protect-last", "1"],
+     "cannot remove 4 blocks: only 3 of 6 are unprotected"),
+    (["score", "--criterion", "search"], "say how many blocks"),
+    (["score", "--criterion", "ppl", "--num-blocks", "2"], "only with --criterion search"),
+    (["score", "--criterion", "ppl", "--generations", "3"], "--generations applies to --criterion search"),
+    (["prune", "--criterion", "search", "--num-blocks", "2", "--iterative"], "--iterative cannot be combined"),
+    (["score", "--criterion", "search", "--ratio", "0.3", "--search-stages", "1:2,2:1"], "last search stage"),
+])
+def test_search_bad_input_one_line_nothing_written(folder, text, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    target = ["--out", str(out / "s.json")] if argv[0] == "score" else ["--out", str(out)]
+    rc = run_cli([argv[0], str(folder), *argv[1:], "--calib", str(text), *target])
+    err = capsys.readouterr().out.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_run_selects_with_the_search(folder, text, tmp_path):
+    """``shortened run --criterion search``: the flags reach the search, its set is the selection, the plot
+    is kept with the scores."""
+    from shortened.cli import build_parser
+    from shortened.commands.score import search_options
+    from shortened.pipeline import Pipeline, RunConfig
+
+    args = build_parser().parse_args(["run", str(folder), "--criterion", "search", "--num-blocks", "2",
+                                      "--generations", "3", "--offspring", "3", "--search-stages", "1:2,all:1",
+                                      "--search-start", "bi", "--out", str(tmp_path / "x")])
+    search = {k: v for k, v in search_options(args).items() if k != "seed"}
+    assert search == {"generations": 3, "offspring": 3, "stages": "1:2,all:1", "start": "bi"}
+    config = RunConfig(model=str(folder), out=tmp_path / "run", criterion="search", num_blocks=2, calib=str(text),
+                       n_samples=3, seq_len=16, search=search)
+    config.check()
+    selection = Pipeline(config, log=lambda _: None).selection()
+    s = selection["scores"]["extra"]["search"]
+    assert selection["method"] == "search" and selection["removed"] == s["removed"] and len(s["history"]) == 4
+    assert (tmp_path / "run" / "stages" / "scores" / "scores-search.png").is_file()
+    with pytest.raises(ShortenedError, match="chooses the set itself"):
+        RunConfig(model=str(folder), out=tmp_path / "r", criterion="search", num_blocks=2, iterative=True).check()
