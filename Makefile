@@ -27,8 +27,8 @@ test: setup
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The whole pipeline on the embedded SmolLM2-135M, offline, without a data folder, with the best measured
-# recipe (Block Influence, a linear bridge per removed run, then block-local reconstruction): calibration,
-# healing and held-out evaluation text are sampled from the model itself.
+# recipe (Block Influence, then block-local reconstruction): calibration, healing and held-out evaluation
+# text are sampled from the model itself.
 demo: setup
 	$(BIN)/shortened run smollm2-135m --ratio 0.2 --calib self --heal-steps 30 \
 		--bench 1 --bench-output-lens 64 --out runs/demo

@@ -13,7 +13,7 @@ from shortened.errors import ShortenedError
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], dict(recipe="best", criterion="bi", heal="linear,reconstruct", heal_data_kind="books", protect_first=1)),
+    ([], dict(recipe="best", criterion="bi", heal="reconstruct", heal_data_kind="books", protect_first=None)),
     (["--recipe", "paper"], dict(recipe="paper", criterion="ppl", heal="lora", heal_data_kind="alpaca",
                                  protect_first=None)),
     (["--criterion", "taylor", "--heal", "none", "--protect-first", "0"],

@@ -124,13 +124,13 @@ def test_push_to_hub_uploads_the_folder_without_stages(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.slow  # every stage: tens of seconds even on a tiny model
-def test_run_best_recipe_end_to_end(tiny_with_tokenizer, tmp_path):
-    """With no --criterion/--heal: Block Influence, block 0 kept, the linear bridge then reconstruct on
-    text sampled from the model (no data folder), and a card that names the chain; --eval none skips
-    every evaluation stage."""
+def test_run_linear_chain_end_to_end(tiny_with_tokenizer, tmp_path):
+    """The best recipe's Block Influence with block 0 kept, then the chain linear,reconstruct on text sampled
+    from the model (no data folder), and a card that lists both methods and the fitted bridges; --eval
+    none skips every evaluation stage."""
     out = tmp_path / "out"
     assert main(["run", str(tiny_with_tokenizer), "--ratio", "0.34", "--n-samples", "2", "--seq-len", "16",
-                 "--heal-steps", "2", "--heal-batch-size", "2", "--heal-seq-len", "16", "--eval", "none",
+                 "--heal", "linear,reconstruct", "--protect-first", "1", "--heal-steps", "2", "--heal-batch-size", "2", "--heal-seq-len", "16", "--eval", "none",
                  "--bench", "none", "--out", str(out)]) == 0
     assert not [p for p in (out / "stages").iterdir() if p.name.startswith("eval-")]  # --eval none: none run
     record = json.loads((out / "pruning.json").read_text())

@@ -23,15 +23,16 @@ class Recipe:
     heal_data: str
     summary: str
     #: Blocks at the start never removed, unless --protect-first says otherwise (None: the criterion's).
-    #: The linear bridge needs a kept block before every removed run, so ``best`` keeps block 0.
+    #: A recipe whose healing starts with the linear bridge must keep block 0 (it needs a kept block
+    #: before every removed run).
     protect_first: int | None = None
 
 
 RECIPES: dict[str, Recipe] = {
     r.name: r for r in (
-        Recipe("best", criterion="bi", heal="linear,reconstruct", heal_data="books", protect_first=1,
-               summary="Block Influence selection, a linear bridge per removed run, then block-local "
-                       "reconstruction (BENCHMARKS.md, 'Replace, don't just remove')"),
+        Recipe("best", criterion="bi", heal="reconstruct", heal_data="books",
+               summary="Block Influence selection, then block-local reconstruction on plain text (the best "
+                       "measured: BENCHMARKS.md, 'Replace, don't just remove')"),
         Recipe("paper", criterion="ppl", heal="lora", heal_data="alpaca",
                summary="Shortened LLaMA: PPL criterion, LoRA (r 8) on Alpaca"),
     )
