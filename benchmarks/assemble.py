@@ -12,6 +12,7 @@ ORDER = [  # (section file, script that writes it)
     ("scoring.md", "benchmarks/bench_scoring.py"),
     ("evaluation.md", "benchmarks/bench_eval.py"),
     ("healing.md", "benchmarks/bench_heal.py"),
+    ("linear.md", "benchmarks/bench_heal.py"),
     ("efficiency.md", "benchmarks/bench_efficiency.py"),
     ("search.md", "benchmarks/bench_search.py"),
 ]
