@@ -190,14 +190,13 @@ def run(args: argparse.Namespace) -> int:
 
     paths = output_paths(args.out, search=args.criterion == "search")
     with claim_outputs(list(paths.values()), overwrite=args.overwrite):  # before any work
-        return _run(args)
+        return _run(args, paths)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
     from ..archs import get_arch
     from ..io import library_versions, now_iso
 
-    paths = output_paths(args.out, search=args.criterion == "search")
     criterion_options(args)  # option mistakes before the load too
     given = [f for f in ("num_blocks", "ratio", "protect_first", "protect_last") if getattr(args, f) is not None]
     if args.criterion == "search" and args.num_blocks is None and args.ratio is None:

@@ -239,7 +239,7 @@ def heal(
         trained = prepared.model
         if prepared.objective is None:
             stage_run = TrainResult(step=0, seconds=time.perf_counter() - start)
-            section.update(settings=_settings_record(s, m, None, accelerator.num_processes), steps_done=0,
+            section.update(settings=_settings_record(s, None, accelerator.num_processes), steps_done=0,
                            stopped_early=False, seconds=round(stage_run.seconds, 2), best_step=None,
                            best_val_loss=None, val_loss_before=None, train_log=[], val_log=[])
         else:
@@ -260,7 +260,7 @@ def heal(
             if stage_run.best_state is not None and stage_run.best_step != stage_run.step:
                 load_trainable_state(trained, stage_run.best_state)
             section.update(
-                settings={**_settings_record(s, m, config, accelerator.num_processes), "steps": steps,
+                settings={**_settings_record(s, config, accelerator.num_processes), "steps": steps,
                           "global_batch": global_batch},
                 steps_done=stage_run.step, stopped_early=stage_run.stopped_early,
                 seconds=round(stage_run.seconds, 2),
@@ -308,7 +308,7 @@ def heal(
     return HealResult(final, tokenizer, record, run, Path(out) if out is not None else None, {"adapter": adapter})
 
 
-def _settings_record(s: HealSettings, method: Any, config: TrainConfig | None, processes: int) -> dict[str, Any]:
+def _settings_record(s: HealSettings, config: TrainConfig | None, processes: int) -> dict[str, Any]:
     """The settings of one method's run as recorded: every field, plus what the loop made of them."""
     record = {**dataclasses.asdict(s), "processes": processes}
     if config is not None:

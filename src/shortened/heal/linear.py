@@ -35,6 +35,7 @@ from torch import nn
 from ..archs import ArchSpec, get_arch, get_blocks, get_submodule
 from ..engine import call_block
 from ..errors import ShortenedError
+from .data import pack_tokens
 from .reconstruct import capture_teacher
 from .registry import HealContext, HealMethod, Prepared
 
@@ -259,17 +260,13 @@ def _token_weights(target: torch.Tensor) -> torch.Tensor:
 
 
 def pack_ids(examples: Sequence[dict[str, list[int]]], seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Concatenate the examples' tokens into rows of ``seq_len``, at most ``max_tokens`` in all."""
-    flat: list[int] = []
-    for e in examples:
-        flat.extend(e["input_ids"])
-        if len(flat) >= max_tokens:
-            break
-    rows = min(len(flat), max_tokens) // seq_len
-    if rows < 1:
-        raise ShortenedError(f"the data holds {len(flat)} tokens: the linear bridge needs at least one row of "
-                             f"{seq_len} (--seq-len)")
-    return torch.tensor(flat[: rows * seq_len], dtype=torch.long).reshape(rows, seq_len)
+    """The examples' tokens packed into rows of ``seq_len`` (:func:`.data.pack_tokens`), at most
+    ``max_tokens`` in all."""
+    rows = pack_tokens([e["input_ids"] for e in examples], seq_len)[: max_tokens // seq_len]
+    if not rows:
+        raise ShortenedError(f"the data holds fewer than {seq_len} tokens (--seq-len), or --linear-tokens is below "
+                             "it: the linear bridge needs at least one row")
+    return torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
 
 
 def _prepare(ctx: HealContext) -> Prepared:
