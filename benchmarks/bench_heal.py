@@ -45,6 +45,8 @@ RUNS: dict[str, tuple[str, str, dict]] = {
     "reconstruct-alpaca": ("reconstruct", "alpaca", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=256)),
     # training-free: its time counts against the budget of the phases after it
     "linear-books": ("linear", "books", dict(batch_size=8, seq_len=128)),
+    "linear-cosine-books": ("linear", "books", dict(batch_size=8, seq_len=128, linear_objective="cosine",
+                                                   linear_cosine_steps=200, linear_cosine_lr=1e-4)),
 }
 
 

@@ -45,6 +45,7 @@ def _method_defaults(name: str) -> str:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..heal import HealSettings, describe_methods, methods
+    from ..heal.linear import COSINE_BATCH_TOKENS, OBJECTIVES
     from ..heal.reconstruct import LOSSES
 
     d = HealSettings()
@@ -105,6 +106,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="calibration tokens of the least-squares fit (drawn from --data's training split)")
     li.add_argument("--linear-ridge", type=float, default=d.linear_ridge,
                     help="ridge towards the identity (plain removal), relative to the MLP output's energy")
+    li.add_argument("--linear-objective", choices=OBJECTIVES, default=d.linear_objective,
+                    help="ls: weighted least squares (closed form); cosine: then Adam steps on the mean cosine "
+                         "distance to the unpruned hidden state (ReplaceMe's second variant)")
+    li.add_argument("--linear-cosine-steps", type=int, default=d.linear_cosine_steps,
+                    help=f"cosine: Adam steps per bridge, {COSINE_BATCH_TOKENS} tokens each")
+    li.add_argument("--linear-cosine-lr", type=float, default=d.linear_cosine_lr, help="cosine: Adam's learning rate")
 
     # Model and teacher load alike; accelerate places them (no --device-map; --device cpu forces the CPU).
     add_loading_args(p, device_map=False)
@@ -138,6 +145,8 @@ def _run(args: argparse.Namespace) -> int:
         save_every=args.save_every, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         student=args.student, temperature=args.temperature, lm_weight=args.lm_weight, bridge_width=args.bridge_width,
         reconstruct_loss=args.reconstruct_loss, linear_tokens=args.linear_tokens, linear_ridge=args.linear_ridge,
+        linear_objective=args.linear_objective, linear_cosine_steps=args.linear_cosine_steps,
+        linear_cosine_lr=args.linear_cosine_lr,
         train_on_inputs=args.train_on_inputs, max_examples=args.max_examples, max_time=args.max_time,
         mixed_precision=args.mixed_precision, dtype=args.dtype,
     )

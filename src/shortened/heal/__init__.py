@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import ShortenedError
 from ..loading import LoadOptions
 from .data import HealingData, load_healing_data
+from .linear import DEFAULT_COSINE_LR, DEFAULT_COSINE_STEPS
 from .linear import DEFAULT_RIDGE as DEFAULT_LINEAR_RIDGE, DEFAULT_TOKENS as DEFAULT_LINEAR_TOKENS
 from .loop import TrainConfig, TrainResult, load_trainable_state, train
 from .registry import HealContext, HealMethod, chain_name, describe_methods, get_method, methods, parse_chain
@@ -73,6 +74,9 @@ class HealSettings:
     lm_weight: float = 0.0  # distill: weight of the LM loss beside the KL
     linear_tokens: int = DEFAULT_LINEAR_TOKENS  # linear: calibration tokens of the least-squares fit
     linear_ridge: float = DEFAULT_LINEAR_RIDGE  # linear: ridge towards the identity, relative to the MLP output
+    linear_objective: str = "ls"  # linear: least squares, or cosine (Adam steps from the least squares)
+    linear_cosine_steps: int = DEFAULT_COSINE_STEPS  # linear, cosine: Adam steps per bridge
+    linear_cosine_lr: float = DEFAULT_COSINE_LR  # linear, cosine: Adam's learning rate
     bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
     reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
     train_on_inputs: bool = False  # Alpaca: also train on the prompt tokens

@@ -21,6 +21,11 @@ float64; memory holds the student's stream and one target per run, never every b
 Each token's squared error is weighted by ``1 / ||H||^2`` (its relative error): the attention sink's
 huge activation at the first position would otherwise dominate the fit, and leaving that position out
 lets the fitted map break it (the pruned model's perplexity then explodes: measured, BENCHMARKS.md).
+
+``objective="cosine"`` (ReplaceMe's second variant) starts from that least-squares ``T`` and takes a few
+Adam steps on the mean cosine distance between ``Y + M T`` and ``H``, over the run's calibration tokens
+kept in memory (3 x tokens x hidden floats per run): the direction of the hidden state is what the next
+block's normalisation sees.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ from .registry import HealContext, HealMethod, Prepared
 #: 1e-3 / 1e-2 / 0.1 / 0.3 -> 120.6 / 119.3 / 115.7 / - at 16k tokens, - / 115.4 / 113.3 / 113.7 at 32k.
 DEFAULT_RIDGE = 0.1
 DEFAULT_TOKENS = 32768
+#: The bridge's objectives: least squares (closed form) or cosine distance (Adam from the least squares).
+OBJECTIVES = ("ls", "cosine")
+#: Adam steps, learning rate and tokens per step of the cosine refinement.
+DEFAULT_COSINE_STEPS = 200
+DEFAULT_COSINE_LR = 1e-4
+COSINE_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,10 @@ class BridgeFit:
     #: (T = I) and with the fitted bridge (measured on the folded block).
     error_removed: float
     error_bridged: float
+    objective: str = "ls"
+    #: Mean cosine distance of the block's output to H: least-squares T, and the refined T (cosine only).
+    cosine_ls: float | None = None
+    cosine_refined: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +146,41 @@ def fold_into_linear(layer: nn.Module, t: torch.Tensor) -> None:
             bias.copy_((bias.to(torch.float64) @ t).to(bias.dtype))
 
 
+def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``1 - cos(pred_t, target_t)``."""
+    return (1 - nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-12)).mean()
+
+
+def refine_cosine(t: torch.Tensor, m: torch.Tensor, y: torch.Tensor, h: torch.Tensor, *,
+                  steps: int = DEFAULT_COSINE_STEPS, lr: float = DEFAULT_COSINE_LR,
+                  batch_tokens: int = COSINE_BATCH_TOKENS, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """Adam steps on ``T`` (from ``t``) lowering the mean cosine distance of ``y + m T`` to ``h`` (rows are
+    tokens). Returns the refined ``T`` (float64) and the distance over all rows before and after; ``t`` is
+    returned unchanged if the steps did not lower it."""
+    g = torch.Generator().manual_seed(seed)
+    param = nn.Parameter(t.detach().to(m.dtype).clone())
+    opt = torch.optim.Adam([param], lr=lr)
+
+    def full(x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(sum(cosine_distance(y[s:s + batch_tokens] + m[s:s + batch_tokens] @ x,
+                                             h[s:s + batch_tokens]) * len(m[s:s + batch_tokens])
+                             for s in range(0, len(m), batch_tokens)) / len(m))
+
+    before = full(param.detach())
+    with torch.enable_grad():
+        for _ in range(steps):
+            rows = torch.randint(len(m), (min(batch_tokens, len(m)),), generator=g).to(m.device)
+            loss = cosine_distance(y[rows] + m[rows] @ param, h[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    after = full(param.detach())
+    if not after < before:
+        return t.to(torch.float64), before, before
+    return param.detach().to(torch.float64), before, after
+
+
 def fit_linear_bridges(
     model: nn.Module,
     teacher: nn.Module,
@@ -138,12 +188,16 @@ def fit_linear_bridges(
     ids: torch.Tensor,
     *,
     ridge: float = DEFAULT_RIDGE,
+    objective: str = "ls",
+    cosine_steps: int = DEFAULT_COSINE_STEPS,
+    cosine_lr: float = DEFAULT_COSINE_LR,
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[BridgeFit]:
     """Fit and fold one linear bridge per removed run of ``model`` (block ``i`` = teacher's ``kept[i]``).
 
-    ``ids`` (LongTensor[n, seq]) is the calibration text; ``model`` is changed in place.
+    ``ids`` (LongTensor[n, seq]) is the calibration text; ``model`` is changed in place. ``objective``
+    ``"cosine"`` refines each least-squares map with ``cosine_steps`` Adam steps (:func:`refine_cosine`).
     """
     from tqdm.auto import tqdm
 
@@ -151,6 +205,9 @@ def fit_linear_bridges(
     path = mlp_out_path(spec, model.config.model_type)
     if not ridge >= 0:
         raise ShortenedError(f"--linear-ridge must be >= 0, got {ridge}")
+    if objective not in OBJECTIVES:
+        raise ShortenedError(f"--linear-objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'")
+    refine = dict(steps=cosine_steps, lr=cosine_lr) if objective == "cosine" else None
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ShortenedError("the linear bridge needs calibration ids of shape [samples, tokens >= 2]")
     blocks, n_teacher = get_blocks(model, spec), len(get_blocks(teacher))
@@ -187,7 +244,7 @@ def fit_linear_bridges(
             block = blocks[i]
             if i in at:
                 fits.append(_fit_one(block, get_submodule(block, path), path, i, kept[i], at[i], streams, goals,
-                                     calls, ridge))
+                                     calls, ridge, refine))
                 bar.set_postfix(error=f"{fits[-1].error_removed:.3f}->{fits[-1].error_bridged:.3f}")
             else:
                 for k, h in enumerate(streams):
@@ -203,14 +260,16 @@ def relative_errors(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _fit_one(block: nn.Module, out_proj: nn.Module | None, path: str, index: int, teacher_index: int,
              run: tuple[int, int], streams: list[torch.Tensor], goals: list[dict[int, torch.Tensor]],
-             calls: list[dict[int, Any]], ridge: float) -> BridgeFit:
-    """Accumulate, solve and fold the bridge of ``block``; advance ``streams`` through the folded block."""
+             calls: list[dict[int, Any]], ridge: float, refine: dict[str, Any] | None = None) -> BridgeFit:
+    """Accumulate, solve (and with ``refine``, refine by cosine distance) and fold the bridge of ``block``;
+    advance ``streams`` through the folded block."""
     if out_proj is None:
         raise ShortenedError(f"block {index} has no module '{path}' (ArchSpec.mlp_out)")
     seen: list[torch.Tensor] = []
     handle = out_proj.register_forward_hook(lambda m, a, out: seen.append(out))
     sums: BridgeSums | None = None
     removed_err: list[torch.Tensor] = []
+    kept_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (M, Y, H) for the refinement
     try:
         for k, h in enumerate(streams):
             seen.clear()
@@ -230,10 +289,18 @@ def _fit_one(block: nn.Module, out_proj: nn.Module | None, path: str, index: int
                 first = (y, m)
             sums.add(m.reshape(-1, dim), (target - y).reshape(-1, dim), _token_weights(target))
             removed_err.append(relative_errors(out, target))
+            if refine is not None:
+                kept_rows.append((m.reshape(-1, dim).float(), y.reshape(-1, dim).float(), target.reshape(-1, dim).float()))
     finally:
         handle.remove()
     assert sums is not None
     t = sums.solve(ridge)
+    cosine: tuple[float, float] | None = None
+    if refine is not None:
+        m_all, y_all, h_all = (torch.cat(parts) for parts in zip(*kept_rows))
+        kept_rows.clear()
+        t, *cosine = refine_cosine(t, m_all, y_all, h_all, seed=index, **refine)
+        del m_all, y_all, h_all
     fold_into_linear(out_proj, t)
     # The folded block must compute Y + M T (up to the weights' precision); else its output is not
     # "rest + linear output" and the table entry is wrong.
@@ -250,7 +317,9 @@ def _fit_one(block: nn.Module, out_proj: nn.Module | None, path: str, index: int
                     f"gap {float(gap):.2e}): the block's output is not 'rest + {path}(...)', check ArchSpec.mlp_out")
         bridged_err.append(relative_errors(streams[k], goals[k][run[1] + 1]))
     return BridgeFit(start=run[0], end=run[1], block=index, teacher_block=teacher_index, tokens=sums.tokens,
-                     error_removed=float(torch.cat(removed_err).mean()), error_bridged=float(torch.cat(bridged_err).mean()))
+                     error_removed=float(torch.cat(removed_err).mean()), error_bridged=float(torch.cat(bridged_err).mean()),
+                     objective="ls" if refine is None else "cosine",
+                     cosine_ls=cosine[0] if cosine else None, cosine_refined=cosine[1] if cosine else None)
 
 
 def _token_weights(target: torch.Tensor) -> torch.Tensor:
@@ -274,8 +343,9 @@ def _prepare(ctx: HealContext) -> Prepared:
     examples = list(ctx.data.train)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(s.seed)).tolist()
     ids = pack_ids([examples[i] for i in order], s.seq_len, s.linear_tokens)
-    fits = fit_linear_bridges(ctx.model, ctx.teacher, ctx.kept, ids, ridge=s.linear_ridge, batch_size=s.batch_size,
-                              progress=ctx.progress)
+    fits = fit_linear_bridges(ctx.model, ctx.teacher, ctx.kept, ids, ridge=s.linear_ridge,
+                              objective=s.linear_objective, cosine_steps=s.linear_cosine_steps,
+                              cosine_lr=s.linear_cosine_lr, batch_size=s.batch_size, progress=ctx.progress)
     return Prepared(ctx.model, None, "none", extra={"bridges": [f.to_dict() for f in fits],
                                                     "calibration_tokens": int(ids.numel())})
 
@@ -285,6 +355,12 @@ def _check(settings: Any) -> None:
         raise ShortenedError(f"--linear-tokens must be at least 2, got {settings.linear_tokens}")
     if not settings.linear_ridge >= 0:
         raise ShortenedError(f"--linear-ridge must be >= 0, got {settings.linear_ridge}")
+    if settings.linear_objective not in OBJECTIVES:
+        raise ShortenedError(f"--linear-objective must be one of {', '.join(OBJECTIVES)}, "
+                             f"got '{settings.linear_objective}'")
+    if settings.linear_cosine_steps < 1 or not settings.linear_cosine_lr > 0:
+        raise ShortenedError("--linear-cosine-steps must be >= 1 and --linear-cosine-lr > 0, got "
+                             f"{settings.linear_cosine_steps} and {settings.linear_cosine_lr}")
 
 
 METHOD = HealMethod(
