@@ -101,6 +101,21 @@ class LoadOptions:
         return load_model(spec, **{**self.kwargs(), **overrides})
 
 
+def load_for_scoring(spec: str | os.PathLike, options: LoadOptions | None = None, *,
+                     offload: str | None = None) -> tuple[nn.Module, Any]:
+    """Load a model to score its blocks. With ``offload`` ("cpu" or "disk") the model stays on the CPU, its
+    blocks in memory or in its safetensors files, and ``options.device`` is where the blocks will run
+    (pass it to the scoring as ``device``); without, this is ``options.load(spec)``."""
+    options = options or LoadOptions()
+    if offload is None:
+        return options.load(spec)
+    if offload not in ("cpu", "disk"):
+        raise ShortenedError(f"offload must be cpu or disk, got '{offload}'")
+    if options.device_map is not None:
+        raise ShortenedError("--offload and --device-map cannot be combined")
+    return options.load(spec, device="cpu", blocks_on_disk=offload == "disk")
+
+
 def load_model(
     model: str | os.PathLike,
     *,

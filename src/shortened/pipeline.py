@@ -78,7 +78,7 @@ class RunConfig:
 
     def check(self) -> None:
         """Refuse bad settings before any (slow) work; the block count is checked against the model later."""
-        from .criteria import get_criterion
+        from .choose import check_choice
 
         if (self.ratio is None) == (self.num_blocks is None):
             raise ShortenedError("give exactly one of --ratio and --num-blocks")
@@ -86,9 +86,7 @@ class RunConfig:
             raise ShortenedError(f"ratio must be strictly between 0 and 1, got {self.ratio}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ShortenedError(f"number of blocks to remove must be positive, got {self.num_blocks}")
-        get_criterion(self.criterion)
-        if self.criterion == "search" and (self.iterative or self.contiguous):
-            raise ShortenedError("--criterion search chooses the set itself: no --iterative or --contiguous")
+        check_choice(self.criterion, iterative=self.iterative, contiguous=self.contiguous)
         if self.heal is not None:
             from .heal import parse_chain
 
@@ -140,15 +138,16 @@ class Pipeline:
     def calibration(self) -> tuple[torch.Tensor, dict[str, Any]]:
         from safetensors.torch import load_file, save_file
 
-        from .data import calibration_data
+        from .choose import calibration_for
 
         settings = dict(model=self.c.model, calib=self.c.calib, n_samples=self.c.n_samples,
                         seq_len=self.c.seq_len, seed=self.c.seed)
 
         def work(tmp: Path) -> None:
             model, tokenizer = self.dense()
-            calib = calibration_data(self.c.calib, tokenizer, n_samples=self.c.n_samples, seq_len=self.c.seq_len,
-                                     seed=self.c.seed, model=model)
+            calib = calibration_for(self.c.criterion, self.c.calib, tokenizer, model, n_samples=self.c.n_samples,
+                                    seq_len=self.c.seq_len, seed=self.c.seed)
+            assert calib is not None, "the calibration stage runs only for criteria that need data"
             save_file({"input_ids": calib.ids.contiguous()}, str(tmp / "calibration.safetensors"))
             write_json(tmp / "calibration.json", calib.info)
 
@@ -171,30 +170,20 @@ class Pipeline:
             ids, calib = None, None
 
         def work(tmp: Path) -> None:
-            from .commands.score import output_paths, scores_record, write_scores_files
-            from .criteria import score_blocks
-            from .selection import iterative_select, select_blocks
+            from .choose import choose
+            from .engine import BlockScores
+            from .scores_files import output_paths, scores_record, write_scores_files
 
             model, _ = self.dense()
-            sel = dict(num_blocks=self.c.num_blocks, ratio=self.c.ratio,
-                       protect_first=self.c.protect_first, protect_last=self.c.protect_last)
-            if self.c.iterative:
-                plan, history = iterative_select(model, ids, self.c.criterion, progress=self.c.progress, **sel)
-                scores = history[0]
-            else:
-                # the search chooses the set itself, so it takes the selection request as options
-                options = {**sel, **self.c.search, "seed": self.c.seed} if self.c.criterion == "search" else {}
-                scores = score_blocks(model, ids, self.c.criterion, progress=self.c.progress, **options)
-                plan = select_blocks(scores, contiguous=self.c.contiguous, **sel)
-            record = scores_record(self.c.model, model, scores, calib)
+            options = {**self.c.search, "seed": self.c.seed} if self.c.criterion == "search" else {}
+            selection = choose(model, ids, self.c.criterion, num_blocks=self.c.num_blocks, ratio=self.c.ratio,
+                               protect_first=self.c.protect_first, protect_last=self.c.protect_last,
+                               iterative=self.c.iterative, contiguous=self.c.contiguous, calibration_info=calib,
+                               options=options, progress=self.c.progress)
+            record = scores_record(self.c.model, model, BlockScores.from_dict(selection["scores"]), calib)
             write_scores_files(record, output_paths(str(tmp / "scores.json"), search=self.c.criterion == "search"),
-                               highlight=plan.remove)
-            plan_dict = plan.to_dict()
-            steps = plan_dict.pop("steps", [])
-            write_json(tmp / "selection.json", {
-                "method": plan.method, "criterion": scores.criterion, "removed": plan.remove, "plan": plan_dict,
-                "scores": scores.to_dict(), "calibration": calib, "iterative_steps": steps,
-            })
+                               highlight=selection["removed"])
+            write_json(tmp / "selection.json", selection)
 
         folder = self.stages.run("scores", settings, work)
         return read_json(folder / "selection.json")

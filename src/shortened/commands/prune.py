@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from ..errors import ShortenedError
-from ._common import HelpFormatter, add_model_args, load_from_args, parse_int_list
+from ._common import HelpFormatter, add_model_args, load_options, parse_int_list
 
 EXAMPLES = """examples:
   shortened prune smollm2-135m --blocks 20,21,22 --out runs/p
@@ -70,8 +70,6 @@ def _check_combination(args: argparse.Namespace) -> None:
         raise ShortenedError("say how many blocks to remove: --num-blocks N or --ratio R")
     if args.iterative and args.scores is not None:
         raise ShortenedError("--iterative re-scores after each removal, so it needs --criterion, not --scores")
-    if args.iterative and args.contiguous:
-        raise ShortenedError("--iterative and --contiguous cannot be combined")
     if args.ratio is not None and not 0 < args.ratio < 1:
         raise ShortenedError(f"ratio must be strictly between 0 and 1, got {args.ratio}")
     if args.scores is not None and args.calib is not None:
@@ -87,29 +85,34 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..archs import get_arch, num_blocks
-    from ..io import pruning_record, read_json, save_model
+    from ..choose import choose
+    from ..io import pruning_record, save_model
+    from ..loading import load_for_scoring
+    from ..scores_files import read_scores_file
+    from ..selection import check_request
     from ..surgery import remove_blocks, validate_indices
+    from .score import calibration_from_args, criterion_options, engine_options, selection_request
 
     _check_combination(args)
     blocks = parse_int_list(args.blocks) if args.blocks is not None else None
-    saved = read_json(args.scores) if args.scores is not None else None
-    if args.criterion is not None:
-        from .score import criterion_options
-
-        criterion_options(args)
-    if args.criterion is not None or args.offload:
-        from .score import load_for_scoring
-
-        model, tokenizer = load_for_scoring(args)
-    else:
-        model, tokenizer = load_from_args(args)
+    saved, saved_calib = read_scores_file(args.scores) if args.scores is not None else (None, None)
+    options = criterion_options(args) if args.criterion is not None else None  # mistakes before the load
+    model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
     spec = get_arch(model)
     n = num_blocks(model, spec)
     selection: dict[str, Any] | None = None
     if blocks is not None:
         validate_indices(blocks, n)
     else:
-        selection = _choose(args, model, tokenizer, saved, n)
+        request = selection_request(args)
+        ids, calib_info = None, saved_calib
+        if saved is None:
+            check_request(n, args.criterion, **request)  # before the calibration data, which may be slow
+            calib = calibration_from_args(args, model, tokenizer)
+            ids, calib_info = (calib.ids, calib.info) if calib else (None, None)
+        selection = choose(model, ids, args.criterion, **request, iterative=args.iterative, contiguous=args.contiguous,
+                           scores=saved, calibration_info=calib_info, options=options, scores_file=args.scores,
+                           **engine_options(args))
         blocks = selection["removed"]
     if args.offload == "cpu":
         model.to("cpu")
@@ -119,53 +122,3 @@ def _run(args: argparse.Namespace) -> int:
     how = f" by {selection['criterion']} ({selection['method']})" if selection else ""
     print(f"removed blocks {record['removed_blocks']} of {n}{how}; {len(kept)} remain -> {args.out}")
     return 0
-
-
-def _choose(args: argparse.Namespace, model: Any, tokenizer: Any, saved: Any, n: int) -> dict[str, Any]:
-    """Score (or read scores), select, and return the ``selection`` record for pruning.json."""
-    from ..engine import BlockScores
-    from ..selection import check_request, iterative_select, select_blocks
-    from .score import calibration_from_args, compute_scores, criterion_options
-
-    sel_kw = dict(num_blocks=args.num_blocks, ratio=args.ratio,
-                  protect_first=args.protect_first, protect_last=args.protect_last)
-    calib: dict[str, Any] | None = None
-    steps: list[dict[str, Any]] = []
-    criterion = args.criterion if saved is None else str(saved.get("criterion", "custom")) if isinstance(saved, dict) else "custom"
-    check_request(n, criterion, **sel_kw)  # before any (slow) scoring
-    if saved is not None:
-        if not isinstance(saved, dict):
-            raise ShortenedError(f"{args.scores} is not a scores file written by 'shortened score'")
-        scores = BlockScores.from_dict(saved)
-        if scores.num_blocks != n:
-            raise ShortenedError(f"{args.scores} scores {scores.num_blocks} blocks but the model has {n}")
-        if any(s is None for s in scores.scores):
-            raise ShortenedError(f"{args.scores} lacks the score of some blocks")
-        calib = saved.get("calibration")
-        plan = select_blocks(scores, contiguous=args.contiguous, **sel_kw)
-    elif args.iterative:
-        from ..criteria import get_criterion
-
-        ids, calib = (calibration_from_args(args, model, tokenizer) if get_criterion(args.criterion).needs_data
-                      else (None, None))
-        plan, history = iterative_select(
-            model, ids, args.criterion, batch_size=args.batch_size, offload=bool(args.offload),
-            device=args.device if args.offload else None, progress=not args.no_progress,
-            **sel_kw, **criterion_options(args))
-        scores = history[0]
-        steps = plan.steps
-    else:
-        scores, calib = compute_scores(args, model, tokenizer)
-        plan = select_blocks(scores, contiguous=args.contiguous, **sel_kw)
-    plan_dict = plan.to_dict()
-    plan_dict.pop("steps", None)
-    return {
-        "method": plan.method,
-        "criterion": scores.criterion,
-        "removed": plan.remove,
-        "plan": plan_dict,
-        "scores": scores.to_dict(),
-        "calibration": calib,
-        "scores_file": args.scores,
-        "iterative_steps": steps,
-    }

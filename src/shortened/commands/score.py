@@ -7,13 +7,11 @@ CSV next to it (``scores.csv``), and a bar chart (``scores.png``). Lower score =
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
 from ..errors import ShortenedError
-from ._common import HelpFormatter, add_model_args, add_progress_arg, load_from_args
+from ._common import HelpFormatter, add_model_args, add_progress_arg, load_options
 
 EXAMPLES = """examples:
   shortened score smollm2-135m --criterion ppl --calib data/books/ --out runs/ppl.json
@@ -86,17 +84,16 @@ def search_options(args: argparse.Namespace) -> dict[str, Any]:
         if flag:
             raise ShortenedError(f"{flag} applies to --criterion search, not {args.criterion}")
         return {}
-    for flag in ("iterative", "contiguous"):
-        if getattr(args, flag, False):
-            raise ShortenedError(f"--{flag} cannot be combined with --criterion search (the search chooses the set)")
     return {**given, "seed": args.seed}
 
 
 def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The criterion-specific options given on the command line, checked against the criterion."""
-    from ..criteria import get_criterion
+    """The criterion-specific options given on the command line, checked against the criterion (the
+    selection request of the search is added by :func:`shortened.choose.scoring_options`)."""
+    from ..choose import check_choice
 
-    get_criterion(args.criterion)  # unknown name: one line listing the valid ones
+    check_choice(args.criterion, iterative=getattr(args, "iterative", False),
+                 contiguous=getattr(args, "contiguous", False))
     options: dict[str, Any] = {}
     given = {"norm": ("magnitude", args.norm), "tokens": ("angular", args.angular_tokens)}
     for key, (owner, value) in given.items():
@@ -109,53 +106,28 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.criterion == "random":
         options["seed"] = args.seed
     options.update(search_options(args))
-    if args.criterion == "search":  # it chooses the set itself, so it takes the selection request
-        options.update(num_blocks=args.num_blocks, ratio=args.ratio, protect_first=args.protect_first,
-                       protect_last=args.protect_last)
     return options
 
 
-def load_for_scoring(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Load the model; with --offload it stays on the CPU (blocks: in memory or on disk) and --device is
-    where blocks run."""
-    if args.offload:
-        if args.device_map is not None:
-            raise ShortenedError("--offload and --device-map cannot be combined")
-        exec_device = args.device
-        args.device = "cpu"
-        try:
-            return load_from_args(args, blocks_on_disk=args.offload == "disk")
-        finally:
-            args.device = exec_device
-    return load_from_args(args)
+def calibration_from_args(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
+    """The :class:`~shortened.data.Calibration` of --calib, --n-samples, --seq-len and --seed (None when the
+    criterion needs no data)."""
+    from ..choose import calibration_for
+
+    return calibration_for(args.criterion, args.calib, tokenizer, model, n_samples=args.n_samples,
+                           seq_len=args.seq_len, seed=args.seed)
 
 
-def compute_scores(args: argparse.Namespace, model: Any, tokenizer: Any, *, skip: list[int] | None = None):
-    """Calibration data (when the criterion needs it) and the scores. Returns (BlockScores, calib info)."""
-    from ..criteria import get_criterion, score_blocks
-
-    crit = get_criterion(args.criterion)
-    options = criterion_options(args)
-    ids, info = calibration_from_args(args, model, tokenizer) if crit.needs_data else (None, None)
-    scores = score_blocks(model, ids, args.criterion, skip=skip or (), batch_size=args.batch_size,
-                          offload=bool(args.offload), device=args.device if args.offload else None,
-                          progress=not args.no_progress, **options)
-    return scores, info
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--batch-size, --offload (with --device, where the blocks run) and --no-progress, for the scoring."""
+    return dict(batch_size=args.batch_size, offload=bool(args.offload),
+                device=args.device if args.offload else None, progress=not args.no_progress)
 
 
-def calibration_from_args(args: argparse.Namespace, model: Any, tokenizer: Any):
-    from ..data import calibration_data
-
-    if args.calib is None:
-        raise ShortenedError(
-            f"criterion {args.criterion} needs calibration data: pass --calib PATH, --calib self, or a Hub "
-            "dataset (wikitext2, bookcorpus, c4, hf:NAME) when online")
-    if args.calib == "self" and args.offload == "disk":
-        raise ShortenedError("--calib self samples text from the model, which needs its blocks in memory: "
-                             "give a text source (--calib PATH or a dataset) with --offload disk")
-    cal = calibration_data(args.calib, tokenizer, n_samples=args.n_samples, seq_len=args.seq_len,
-                           seed=args.seed, model=model)
-    return cal.ids, cal.info
+def selection_request(args: argparse.Namespace) -> dict[str, Any]:
+    """--num-blocks / --ratio and the protection."""
+    return dict(num_blocks=args.num_blocks, ratio=args.ratio, protect_first=args.protect_first,
+                protect_last=args.protect_last)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -174,19 +146,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def output_paths(out: str, *, search: bool = False) -> dict[str, Path]:
-    """``a.v1.json`` (or ``a.v1``) -> a.v1.json, a.v1.csv, a.v1.png (and, for the search, the fitness
-    plot a.v1-search.png): only a final .json is replaced."""
-    base = Path(out)
-    stem = base.name[:-len(".json")] if base.suffix.lower() == ".json" else base.name
-    paths = {kind: base.with_name(f"{stem}.{kind}") for kind in ("json", "csv", "png")}
-    if search:
-        paths["search"] = base.with_name(f"{stem}-search.png")
-    return paths
-
-
 def run(args: argparse.Namespace) -> int:
     from ..io import claim_outputs
+    from ..scores_files import output_paths
 
     paths = output_paths(args.out, search=args.criterion == "search")
     with claim_outputs(list(paths.values()), overwrite=args.overwrite):  # before any work
@@ -195,52 +157,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
     from ..archs import get_arch
+    from ..choose import scoring_options
+    from ..criteria import score_blocks
     from ..io import library_versions, now_iso
+    from ..loading import load_for_scoring
+    from ..scores_files import scores_record, write_scores_files
 
-    criterion_options(args)  # option mistakes before the load too
-    given = [f for f in ("num_blocks", "ratio", "protect_first", "protect_last") if getattr(args, f) is not None]
-    if args.criterion == "search" and args.num_blocks is None and args.ratio is None:
-        raise ShortenedError("--criterion search chooses a set: say how many blocks, --num-blocks N or --ratio R")
+    options = criterion_options(args)  # option mistakes before the load too
+    request = selection_request(args)
+    given = [k for k, v in request.items() if v is not None]
     if args.criterion != "search" and given:
         raise ShortenedError(f"--{given[0].replace('_', '-')} is a selection request; 'shortened score' takes it "
                              "only with --criterion search (use 'shortened prune' to select)")
-    model, tokenizer = load_for_scoring(args)
-    scores, calib = compute_scores(args, model, tokenizer)
-    record = scores_record(args.model, model, scores, calib)
+    options = scoring_options(args.criterion, options, **request)
+    model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
+    calib = calibration_from_args(args, model, tokenizer)
+    scores = score_blocks(model, calib.ids if calib else None, args.criterion, **engine_options(args), **options)
+    record = scores_record(args.model, model, scores, calib.info if calib else None)
     record.update(created=now_iso(), versions=library_versions())
     write_scores_files(record, paths, overwrite=args.overwrite)
     lo = sorted(range(len(scores.scores)), key=lambda i: scores.scores[i])[:5]
     print(f"{scores.criterion} scores of {len(scores.scores)} blocks ({get_arch(model).model_types[0]}) -> "
           f"{paths['json']}, {paths['csv'].name}, {paths['png'].name}; lowest: {lo}")
     return 0
-
-
-def scores_record(source: str, model: Any, scores: Any, calib: dict | None) -> dict[str, Any]:
-    """The content of a scores file."""
-    return {"format_version": 1, "tool": "shortened", "kind": "block_scores", "model": source,
-            "model_type": model.config.model_type, **scores.to_dict(), "calibration": calib}
-
-
-def write_scores_files(record: dict[str, Any], paths: dict[str, Path], highlight: list[int] | None = None,
-                       *, overwrite: bool = True) -> None:
-    """JSON, CSV and PNG, written to temporary files and renamed into place together (the JSON last)."""
-    from ..io import atomic_outputs, json_text
-    from ..plots import plot_scores
-
-    scores = record["scores"]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["block", "score"])
-    for i, s in enumerate(scores):
-        w.writerow([i, "" if s is None else repr(float(s))])
-    title = f"{record['criterion']} scores, {record.get('model', '')}"
-    search = record.get("extra", {}).get("search") if "search" in paths else None
-    targets = [paths["csv"], paths["png"], *([paths["search"]] if search else []), paths["json"]]
-    with atomic_outputs(targets, overwrite=overwrite) as tmps:
-        tmps[0].write_text(buf.getvalue())
-        plot_scores(scores, tmps[1], title=title, ylabel=record["criterion"], highlight=highlight or ())
-        if search:
-            from ..plots import plot_search
-
-            plot_search(search, tmps[2], title=f"search, {record.get('model', '')}")
-        tmps[-1].write_text(json_text(record))
