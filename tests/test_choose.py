@@ -184,3 +184,24 @@ def test_prune_and_run_write_the_same_selection(folder, text, tmp_path, criterio
     assert (ran["calibration"] is None) == (criterion == "random")
     assert ran == pruned  # the same request on the same model and text: the same record
     assert len(pruned["removed"]) == 2 and N_LAYERS == 6
+
+
+def test_run_passes_its_seed_to_a_seeded_criterion(folder, text, tmp_path):
+    """``run --criterion random --seed S`` chooses what ``prune --criterion random --seed S`` does, and two
+    seeds are two stages (not one reused)."""
+    from shortened.pipeline import Pipeline, RunConfig
+
+    chosen = {}
+    for seed in (7, 8):
+        out = tmp_path / f"p{seed}"
+        assert run_cli(["prune", str(folder), "--criterion", "random", "--seed", str(seed), "--num-blocks", "2",
+                        "--out", str(out), "--no-progress"]) == 0
+        pruned = json.loads((out / "pruning.json").read_text())["selection"]
+        config = RunConfig(model=str(folder), out=tmp_path / "run", criterion="random", num_blocks=2, seed=seed,
+                           progress=False)
+        config.check()
+        ran = json.loads((Pipeline(config, log=lambda _: None).pruned() / "pruning.json").read_text())["selection"]
+        assert ran["removed"] == pruned["removed"]
+        assert ran["scores"]["scores"] == pruned["scores"]["scores"]
+        chosen[seed] = ran["scores"]["scores"]
+    assert chosen[7] != chosen[8]

@@ -162,7 +162,11 @@ class Pipeline:
                         num_blocks=self.c.num_blocks, protect_first=self.c.protect_first,
                         protect_last=self.c.protect_last, iterative=self.c.iterative, contiguous=self.c.contiguous,
                         search=self.c.search)
-        needs_data = get_criterion(self.c.criterion).needs_data
+        criterion = get_criterion(self.c.criterion)
+        # --seed reaches the criteria that take one (random, search); only their stage depends on it
+        seeded = {"seed": self.c.seed} if "seed" in criterion.options() else {}
+        settings.update(seeded)
+        needs_data = criterion.needs_data
         if needs_data:
             ids, calib = self.calibration()
             settings["calibration"] = self.stages.token("calibration")
@@ -175,7 +179,7 @@ class Pipeline:
             from .scores_files import output_paths, scores_record, write_scores_files
 
             model, _ = self.dense()
-            options = {**self.c.search, "seed": self.c.seed} if self.c.criterion == "search" else {}
+            options = {**(self.c.search if self.c.criterion == "search" else {}), **seeded}
             selection = choose(model, ids, self.c.criterion, num_blocks=self.c.num_blocks, ratio=self.c.ratio,
                                protect_first=self.c.protect_first, protect_last=self.c.protect_last,
                                iterative=self.c.iterative, contiguous=self.c.contiguous, calibration_info=calib,
