@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..archs import get_arch
-from ..engine import BlockScores, Engine
+from ..engine import Engine
 from ..errors import ShortenedError
+from ..scores import BlockScores
 
 
 @dataclass(frozen=True)

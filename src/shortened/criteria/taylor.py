@@ -48,7 +48,7 @@ def score(engine: Engine) -> tuple[list[float], dict[str, Any]]:
         hiddens[m][k] = None  # type: ignore[call-overload]  # free
 
     scores = [0.0] * k
-    with engine._bar(k, "taylor") as bar:
+    with engine.progress_bar(k, "taylor") as bar:
         for pos in reversed(range(k)):
             j = engine.active[pos]
             with engine.on_device(j) as block:
