@@ -28,15 +28,16 @@ from ..archs import ArchSpec, get_arch, get_blocks
 from ..errors import ShortenedError
 from ..offload import BlockHome, MemoryHome, disk_blocks
 from ..scores import BlockScores
-from .capture import BlockCall, Capture, call_block, capture, check_calib_ids, split_block_call, without_cache
+from .capture import (BlockCall, Capture, call_block, capture_blocks, check_calib_ids, split_block_call,
+                      without_cache)
 from .loss import (DEFAULT_LOSS_CHUNK, DEFAULT_VOCAB_CHUNK, DenseTargets, HeadLoss, ppl_from_mean_nll,
                    token_nll)
 from .workers import DEFAULT_BATCH_TOKENS, WorkerPool, call_groups, default_workers
 
 __all__ = [
     "DEFAULT_BATCH_TOKENS", "DEFAULT_LOSS_CHUNK", "DEFAULT_VOCAB_CHUNK", "BlockCall", "BlockScores", "Capture",
-    "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "call_block", "call_groups", "capture", "check_calib_ids",
-    "default_workers", "ppl_from_mean_nll", "split_block_call", "token_nll", "without_cache",
+    "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "call_block", "call_groups", "capture_blocks",
+    "check_calib_ids", "default_workers", "ppl_from_mean_nll", "split_block_call", "token_nll", "without_cache",
 ]
 
 
@@ -126,7 +127,7 @@ class Engine:
         if self._captures is None:
             if self.calib_ids is None:
                 raise ShortenedError("this criterion needs calibration data")
-            self._captures = [capture(self.model, self.blocks, chunk, self.device, self._home)
+            self._captures = [capture_blocks(self.model, self.blocks, chunk, self.device, self._home)
                               for chunk in self.calib_ids.split(self.batch_size)]
         return self._captures
 

@@ -78,8 +78,8 @@ def check_calib_ids(calib_ids: Any, vocab_size: int | None = None) -> torch.Tens
     return calib_ids.long()
 
 
-def capture(model: nn.Module, blocks: Sequence[nn.Module], ids: torch.Tensor, device: torch.device,
-            home: BlockHome | None = None) -> Capture:
+def capture_blocks(model: nn.Module, blocks: Sequence[nn.Module], ids: torch.Tensor, device: torch.device,
+                   home: BlockHome | None = None) -> Capture:
     """Run ``ids`` through ``model`` with ``use_cache=False`` and record every block's input and call.
 
     The forward stops at the last block's input (the rest is not needed). With ``home`` (offloaded
