@@ -10,7 +10,7 @@ import torch
 
 from shortened import load_model
 from shortened.criteria import score_blocks
-from shortened.engine import BlockScores
+from shortened.scores import BlockScores
 from shortened.errors import ShortenedError
 from shortened.surgery import remove_blocks
 from tiny_models import N_LAYERS, TINY_CONFIGS, tiny_inputs, tiny_model
@@ -150,7 +150,7 @@ def test_vocabulary_slices_equal_the_whole_vocabulary(arch):
     ids = tiny_inputs(batch=2, length=12)
     engine = Engine(model, ids, progress=False)
     seen = []  # the head's input: the last block's output, before the final norm
-    hook = engine._head[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    hook = engine.loss.modules[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
         hook.remove()
@@ -256,12 +256,12 @@ def test_sliced_loss_outside_the_float_range_of_unshifted_sums(case):
     ids = tiny_inputs(batch=2, length=12)
     engine = Engine(model, ids, vocab_chunk=7, progress=False)
     seen = []
-    hook = engine._head[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    hook = engine.loss.modules[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits.double()
         hook.remove()
-        x = engine._head[0](seen[0][:, :-1].reshape(-1, seen[0].shape[-1]))
-        raw = engine._sliced_logsumexp(x, shift=False)
+        x = engine.loss.modules[0](seen[0][:, :-1].reshape(-1, seen[0].shape[-1]))
+        raw = engine.loss._sliced_logsumexp(x, shift=False)
         assert (~torch.isfinite(raw) | (raw < -60)).any()  # the case does reach the fallback
         expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                      ids[:, 1:].reshape(-1), reduction="sum")

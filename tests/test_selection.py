@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from shortened.criteria import score_blocks
-from shortened.engine import BlockScores
+from shortened.scores import BlockScores
 from shortened.errors import ShortenedError
 from shortened.selection import blocks_to_remove, iterative_select, select_blocks
 from shortened.surgery import remove_blocks

@@ -15,12 +15,12 @@ from .archs import ArchSpec, get_arch, get_blocks, num_blocks, supported_model_t
 from .criteria import criterion_names, score_blocks
 from .data import calibration_ids
 from .describe import model_info
-from .engine import BlockScores
 from .errors import ShortenedError
 from .evaluation import evaluate
 from .heal import heal
 from .io import pruning_record, save_model
 from .loading import load_model
+from .scores import BlockScores
 from .selection import PruningPlan, iterative_select, select_blocks
 from .surgery import remove_blocks
 

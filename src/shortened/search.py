@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, perplexity
+from .engine import Engine, ppl_from_mean_nll
 from .errors import ShortenedError
 
 FITNESSES = ("kl", "ppl")
@@ -124,12 +124,12 @@ class SetFitness:
 
     def value(self, s: Removal, n_batches: int) -> float:
         mean = sum(self.sums[s][:n_batches]) / sum(self.tokens[:n_batches])
-        return mean if self.fitness == "kl" else perplexity(mean)
+        return mean if self.fitness == "kl" else ppl_from_mean_nll(mean)
 
     def _compute(self, sets: list[Removal], batches: range) -> None:
         eng = self.engine
         outs = eng.removal_set_outputs(sets, list(batches))
-        jobs = [(c, group) for c, m in enumerate(batches) for group in eng._per_call(self.caps[m], list(range(len(sets))))]
+        jobs = [(c, group) for c, m in enumerate(batches) for group in eng.call_groups(self.caps[m], list(range(len(sets))))]
 
         def loss(job: tuple[int, list[int]]) -> list[float]:
             c, group = job

@@ -54,7 +54,7 @@ def remove_blocks(model: nn.Module, indices: Sequence[int], spec: ArchSpec | Non
         lists[name] = [values[i] for i in kept]
 
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
-    _set_submodule(model, spec.blocks, new_blocks)
+    set_submodule(model, spec.blocks, new_blocks)
     for new_idx, block in enumerate(new_blocks):
         _renumber(block, new_idx, spec.layer_index_attrs)
 
@@ -71,7 +71,8 @@ def _renumber(block: nn.Module, new_idx: int, attrs: tuple[str, ...]) -> None:
                 setattr(module, attr, new_idx)
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``model`` (e.g. the blocks' ``model.layers``)."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, module)

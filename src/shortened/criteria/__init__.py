@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..archs import get_arch
-from ..engine import BlockScores, Engine
+from ..engine import Engine
 from ..errors import ShortenedError
+from ..scores import BlockScores
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def _offloaded(model: nn.Module, spec: Any, mode: str | bool, device: Any) -> It
     if not mode:
         yield device
         return
-    from ..surgery import _set_submodule
+    from ..surgery import set_submodule
     from ..archs import get_blocks
 
     exec_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -162,11 +163,11 @@ def _offloaded(model: nn.Module, spec: Any, mode: str | bool, device: Any) -> It
     home = next((p.device for p in model.parameters() if id(p) not in block_ids), torch.device("cpu"))
 
     def move_rest(to: torch.device) -> None:
-        _set_submodule(model, spec.blocks, nn.ModuleList())  # detach the blocks so .to() leaves them
+        set_submodule(model, spec.blocks, nn.ModuleList())  # detach the blocks so .to() leaves them
         try:
             model.to(to)
         finally:
-            _set_submodule(model, spec.blocks, blocks)
+            set_submodule(model, spec.blocks, blocks)
 
     if mode == "cpu":
         blocks.to(home)

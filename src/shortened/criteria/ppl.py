@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine import Engine, perplexity
+from ..engine import Engine, ppl_from_mean_nll
 
 
 def score(engine: Engine) -> tuple[list[float], dict[str, Any]]:
     nll = engine.removal_nll()
-    return [perplexity(nll[i]) for i in engine.active], {"mean_nll": [nll[i] for i in engine.active]}
+    return [ppl_from_mean_nll(nll[i]) for i in engine.active], {"mean_nll": [nll[i] for i in engine.active]}
 
 
 from . import Criterion  # noqa: E402  (the registry imports this module)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine import BlockScores, Engine
+from ..engine import Engine
 from ..errors import ShortenedError
+from ..scores import BlockScores
 from ..search import DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search
 
 #: Criteria whose selections the search starts from (the best of them by the search's fitness): those that

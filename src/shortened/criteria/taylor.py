@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..engine import Engine, call_block
+from ..engine import Engine, call_block, token_nll
 
 
 def score(engine: Engine) -> tuple[list[float], dict[str, Any]]:
@@ -39,7 +39,7 @@ def score(engine: Engine) -> tuple[list[float], dict[str, Any]]:
             with torch.enable_grad():
                 logits = engine.head(x).float()
                 t = t_all[s:s + engine.loss_chunk]
-                loss = (torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1)).sum() / n_targets
+                loss = token_nll(logits, t).sum() / n_targets
                 (gx,) = torch.autograd.grad(loss, [x])
             loss_total += float(loss.detach())
             g_flat[s:s + engine.loss_chunk] = gx
@@ -48,7 +48,7 @@ def score(engine: Engine) -> tuple[list[float], dict[str, Any]]:
         hiddens[m][k] = None  # type: ignore[call-overload]  # free
 
     scores = [0.0] * k
-    with engine._bar(k, "taylor") as bar:
+    with engine.progress_bar(k, "taylor") as bar:
         for pos in reversed(range(k)):
             j = engine.active[pos]
             with engine.on_device(j) as block:

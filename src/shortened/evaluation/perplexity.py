@@ -10,7 +10,6 @@ needs it): the chunk's first token is then scored too, from the BOS, and the BOS
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -18,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.loss import ppl_from_mean_nll, token_nll
 from ..errors import ShortenedError
 from .sources import PPL_SETS, ROW_SEPARATOR, ppl_rows, read_text_file
 
 __all__ = ["load_ppl_text", "perplexity", "perplexity_on", "tokenize_text"]
 
-# Positions whose float64 log-softmax is taken at once (256 x 49152 vocab x 8 bytes = 100 MB).
+# Positions whose float64 token NLL is taken at once (256 x 49152 vocab x 8 bytes = 100 MB).
 _POSITIONS_PER_SLICE = 256
 
 
@@ -71,7 +71,7 @@ def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None 
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         # Position t predicts token t+1; every chunk is full length, so no padding is involved and
-        # the batch size cannot change which tokens are scored. The log-softmax runs in float64 (an
+        # the batch size cannot change which tokens are scored. The token NLL runs in float64 (an
         # fp32 log-sum-exp over a large vocabulary drifts by ~1e-5 relative), over slices of
         # positions so that the float64 copy stays small for long chunks.
         for row in range(batch.shape[0]):
@@ -79,7 +79,7 @@ def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None 
                 hi = min(lo + _POSITIONS_PER_SLICE, batch.shape[1] - 1)
                 pred = logits[row, lo:hi].double()
                 target = batch[row, lo + 1:hi + 1]
-                total += nn.functional.cross_entropy(pred, target, reduction="sum").item()
+                total += token_nll(pred, target).sum().item()
                 count += target.numel()
         bar.update(batch.shape[0])
     bar.close()
@@ -100,7 +100,7 @@ def perplexity(
     dropped, first ``limit`` chunks only), optional BOS before each chunk, ``exp(mean token NLL)``."""
     chunks = chunk_tokens(token_ids, seq_len, limit)
     total, count = sum_nll(model, chunks, bos_token_id=bos_token_id, batch_size=batch_size, progress=progress)
-    return math.exp(total / count)
+    return ppl_from_mean_nll(total / count)
 
 
 def load_ppl_text(name: str, data_dir: str | os.PathLike | None) -> str:
@@ -154,7 +154,7 @@ def perplexity_on(
     total, count = sum_nll(model, chunks, bos_token_id=bos_id, batch_size=batch_size, progress=progress,
                            desc=f"ppl {os.path.basename(name) or name}")
     return {
-        "value": math.exp(total / count),
+        "value": ppl_from_mean_nll(total / count),
         "n_chunks": int(chunks.shape[0]),
         "n_tokens": count,
         "seconds": round(time.perf_counter() - start, 2),

@@ -98,6 +98,9 @@ def shifted_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over labels that are not -100."""
+    # The same quantity as shortened.engine.token_nll, but the training step keeps the fused kernel:
+    # token_nll's logsumexp - gather backward builds one more [tokens, vocab] tensor (gather's scatter)
+    # and is slower, and -100 labels would need masking around it.
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 

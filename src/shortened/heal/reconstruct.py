@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..archs import get_arch, get_blocks
-from ..engine import _Call, call_block, split_block_call, without_cache
+from ..engine import BlockCall, call_block, split_block_call, without_cache
 from ..errors import ShortenedError
 from .registry import HealContext, HealMethod, Prepared
 
@@ -93,13 +93,13 @@ class _Stop(Exception):
 
 
 def capture_teacher(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    inputs_at: set[int], calls_at: set[int]) -> tuple[dict[int, torch.Tensor], dict[int, _Call]]:
+                    inputs_at: set[int], calls_at: set[int]) -> tuple[dict[int, torch.Tensor], dict[int, BlockCall]]:
     """One teacher forward, stopped as early as possible: the hidden states entering the blocks of
     ``inputs_at`` (index ``L`` = the last block's output) and the call arguments of those of ``calls_at``."""
     blocks = get_blocks(teacher)
     n = len(blocks)
     hidden: dict[int, torch.Tensor] = {}
-    calls: dict[int, _Call] = {}
+    calls: dict[int, BlockCall] = {}
     last = max(inputs_at | calls_at)
     handles = []
 

@@ -1,0 +1,45 @@
+"""The result of scoring: one importance value per block, and how it was computed (saved as scores.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ShortenedError
+
+
+@dataclass
+class BlockScores:
+    """One importance score per block (lower = less important) and how they were computed."""
+
+    criterion: str
+    #: ``scores[i]`` for original block ``i``; None for blocks skipped as already removed.
+    scores: list[float | None]
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: For ``angular``: ``span_scores[n - 1][l]`` = distance when removing blocks ``l .. l+n-1``.
+    span_scores: list[list[float]] | None = None
+    #: Extra figures (e.g. the mean NLL per removal for ``ppl``).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"criterion": self.criterion, "num_blocks": self.num_blocks,
+                             "scores": list(self.scores), "settings": dict(self.settings)}
+        if self.span_scores is not None:
+            d["span_scores"] = self.span_scores
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlockScores":
+        try:
+            scores = [None if s is None else float(s) for s in d["scores"]]
+            criterion = str(d["criterion"])
+        except (KeyError, TypeError, ValueError):
+            raise ShortenedError("not a scores file: expected 'criterion' and a list of numeric 'scores'") from None
+        return cls(criterion=criterion, scores=scores, settings=dict(d.get("settings", {})),
+                   span_scores=d.get("span_scores"), extra=dict(d.get("extra", {})))
