@@ -12,7 +12,7 @@ import pytest
 import shortened
 from shortened.choose import SELECTION_KEYS, calibration_for, check_choice, choose, scoring_options
 from shortened.criteria import score_blocks
-from shortened.engine import BlockScores
+from shortened.scores import BlockScores
 from shortened.errors import ShortenedError
 from shortened.loading import LoadOptions, load_for_scoring
 from shortened.selection import iterative_select, select_blocks

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import Calibration
-from .engine import BlockScores
+from .scores import BlockScores
 from .errors import ShortenedError
 from .selection import PruningPlan, check_request, iterative_select, select_blocks
 

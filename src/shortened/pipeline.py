@@ -175,7 +175,7 @@ class Pipeline:
 
         def work(tmp: Path) -> None:
             from .choose import choose
-            from .engine import BlockScores
+            from .scores import BlockScores
             from .scores_files import output_paths, scores_record, write_scores_files
 
             model, _ = self.dense()

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .engine import BlockScores
+from .scores import BlockScores
 from .errors import ShortenedError
 
 

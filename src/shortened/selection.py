@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import BlockScores
+from .scores import BlockScores
 from .errors import ShortenedError
 
 ROUNDING_RULE = "k = floor(ratio * num_blocks + 0.5)"

@@ -27,7 +27,6 @@ from torch import nn
 from ..archs import ArchSpec, get_arch, get_blocks
 from ..errors import ShortenedError
 from ..offload import BlockHome, MemoryHome, disk_blocks
-from ..scores import BlockScores
 from .capture import (BlockCall, Capture, call_block, capture_blocks, check_calib_ids, split_block_call,
                       without_cache)
 from .loss import (DEFAULT_LOSS_CHUNK, DEFAULT_VOCAB_CHUNK, DenseTargets, HeadLoss, ppl_from_mean_nll,
@@ -35,7 +34,7 @@ from .loss import (DEFAULT_LOSS_CHUNK, DEFAULT_VOCAB_CHUNK, DenseTargets, HeadLo
 from .workers import DEFAULT_BATCH_TOKENS, WorkerPool, call_groups, default_workers
 
 __all__ = [
-    "DEFAULT_BATCH_TOKENS", "DEFAULT_LOSS_CHUNK", "DEFAULT_VOCAB_CHUNK", "BlockCall", "BlockScores", "Capture",
+    "DEFAULT_BATCH_TOKENS", "DEFAULT_LOSS_CHUNK", "DEFAULT_VOCAB_CHUNK", "BlockCall", "Capture",
     "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "call_block", "call_groups", "capture_blocks",
     "check_calib_ids", "default_workers", "ppl_from_mean_nll", "split_block_call", "token_nll", "without_cache",
 ]
