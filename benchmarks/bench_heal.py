@@ -42,6 +42,8 @@ RUNS: dict[str, tuple[str, str, dict]] = {
     "reconstruct-books": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128)),
     "reconstruct-books-total": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128,
                                                             reconstruct_loss="total")),
+    "reconstruct-books-w3": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128,
+                                                         bridge_width=3)),
     "reconstruct-alpaca": ("reconstruct", "alpaca", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=256)),
     # training-free: its time counts against the budget of the phases after it
     "linear-books": ("linear", "books", dict(batch_size=8, seq_len=128)),
