@@ -49,6 +49,8 @@ class Steps:
         if name not in self.data:
             t = time.perf_counter()
             value = fn()
+            if isinstance(value, dict):  # runs differ in their thread count: each step keeps its own
+                value.setdefault("threads", torch.get_num_threads())
             print(f"[{name}] {time.perf_counter() - t:.0f} s: {_short(value)}", flush=True)
             self.data[name] = value
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +116,11 @@ def main() -> int:
 
     steps = Steps(args.json, args.redo)
     steps.data.setdefault("meta", {})
-    steps.data["meta"].update(command=command, versions=library_versions(), threads=torch.get_num_threads(),
-                              machine=platform.processor() or platform.machine(), updated=now_iso())
+    meta = steps.data["meta"]
+    meta.update(command=command, versions=library_versions(), threads=torch.get_num_threads(),
+                machine=platform.processor() or platform.machine(), updated=now_iso())
+    # a re-run measures only the missing steps: every invocation that added some is listed
+    meta["commands"] = [c for c in meta.get("commands", []) if c != command] + [command]
     options = {}
     for item in args.search:
         key, value = item.split("=", 1)
@@ -262,15 +267,15 @@ def write_report(args, steps: Steps, sizes: list[int], command: str) -> None:
         "## Block-set search (issue 15)",
         "",
         f"SmolLM2-135M-Instruct, {k} of 30 blocks removed, calibration from the Gutenberg books "
-        f"({args.seq_len} tokens per sample, seed {args.seed}), fp32, {meta['machine']}, {meta['threads']} threads, "
-        f"shared machine (other engineers' jobs ran beside it); torch {meta['versions'].get('torch')}, "
+        f"({args.seq_len} tokens per sample, seed {args.seed}), fp32, {meta['machine']}, "
+        f"shared machine (other engineers' jobs ran beside it; each step's torch thread count is in the JSON); torch {meta['versions'].get('torch')}, "
         f"transformers {meta['versions'].get('transformers')}. Perplexity: the paper's protocol on the first "
         f"{args.ppl_limit} chunks of WikiText-2 raw test and PTB validation (as the healing table). Each step's "
         "figures are in `benchmarks/results/search.json`.",
         "",
-        "Command:",
+        "Commands (a re-run measures only the steps not yet in the JSON):",
         "",
-        f"    {command}",
+        *(f"    {c}" for c in meta.get("commands", [command])),
         "",
     ]
     for n in sizes:
@@ -324,8 +329,8 @@ def write_report(args, steps: Steps, sizes: list[int], command: str) -> None:
     if heals:
         lines += ["### Healing the searched set and the BI set", "",
                   f"`reconstruct` on the Gutenberg books with its defaults (bench_heal's `reconstruct-books`), "
-                  f"the same wall-clock budget each ({args.heal_budget:g} s of {meta['threads']} threads, steps planned "
-                  "from a one-step probe, `max_time` as the cap), run one after the other.", "",
+                  f"the same wall-clock budget each ({', '.join(sorted({k.split()[-1] for k in heals}))} s, steps "
+                  "planned from a one-step probe, `max_time` as the cap), run one after the other.", "",
                   "| blocks removed | steps | WikiText-2 | PTB | validation (relative error) before, best |",
                   "|---|---:|---:|---:|---|"]
         for key, h in heals.items():
