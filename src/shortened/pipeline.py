@@ -164,7 +164,7 @@ class Pipeline:
                         search=self.c.search)
         criterion = get_criterion(self.c.criterion)
         # --seed reaches the criteria that take one (random, search); only their stage depends on it
-        seeded = {"seed": self.c.seed} if "seed" in criterion.options() else {}
+        seeded = {"seed": self.c.seed} if criterion.takes_seed else {}
         settings.update(seeded)
         needs_data = criterion.needs_data
         if needs_data:

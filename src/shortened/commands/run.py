@@ -106,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     heal = args.heal if args.heal is not None else recipe.heal
     args.criterion = args.criterion or recipe.criterion
     ratio = args.ratio if args.ratio is not None or args.num_blocks is not None else 0.2
-    search = search_options(args)
-    search.pop("seed", None)  # the run's --seed, recorded once
+    search = search_options(args)  # the run's --seed reaches the search through RunConfig.seed
     ppl, tasks = _split_eval(args.eval)
     heal_options = {k: v for k, v in dict(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size,
                                           grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len,

@@ -84,13 +84,14 @@ def search_options(args: argparse.Namespace) -> dict[str, Any]:
         if flag:
             raise ShortenedError(f"{flag} applies to --criterion search, not {args.criterion}")
         return {}
-    return {**given, "seed": args.seed}
+    return given
 
 
 def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
     """The criterion-specific options given on the command line, checked against the criterion (the
     selection request of the search is added by :func:`shortened.choose.scoring_options`)."""
     from ..choose import check_choice
+    from ..criteria import get_criterion
 
     check_choice(args.criterion, iterative=getattr(args, "iterative", False),
                  contiguous=getattr(args, "contiguous", False))
@@ -103,7 +104,7 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
             flag = "--norm" if key == "norm" else "--angular-tokens"
             raise ShortenedError(f"{flag} applies to the {owner} criterion, not {args.criterion}")
         options[key] = value
-    if args.criterion == "random":
+    if get_criterion(args.criterion).takes_seed:  # random, search
         options["seed"] = args.seed
     options.update(search_options(args))
     return options

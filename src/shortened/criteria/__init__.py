@@ -48,6 +48,11 @@ class Criterion:
         params = list(inspect.signature(self.fn).parameters.values())[1:]
         return {p.name: p.default for p in params}
 
+    @property
+    def takes_seed(self) -> bool:
+        """Whether the criterion draws random numbers (an option ``seed``): callers pass their --seed."""
+        return "seed" in self.options()
+
 
 def _registry() -> dict[str, Criterion]:
     from . import angular, bi, magnitude, ppl, random, search, taylor

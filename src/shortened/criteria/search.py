@@ -56,7 +56,7 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
     crits = [get_criterion(name) for name in names]  # every name checked before any is computed
     out: dict[str, list[int]] = {}
     for name, crit in zip(names, crits):
-        values, extra = crit.fn(engine, **({"seed": seed} if "seed" in crit.options() else {}))
+        values, extra = crit.fn(engine, **({"seed": seed} if crit.takes_seed else {}))
         scores = BlockScores(name, list(values), span_scores=extra.get("span_scores"))
         sel = dict(num_blocks=k, protect_first=protect_first, protect_last=protect_last)
         out[name] = select_blocks(scores, **sel).remove

@@ -161,11 +161,11 @@ def refine_cosine(t: torch.Tensor, m: torch.Tensor, y: torch.Tensor, h: torch.Te
     param = nn.Parameter(t.detach().to(m.dtype).clone())
     opt = torch.optim.Adam([param], lr=lr)
 
-    def full(x: torch.Tensor) -> float:
+    def full(x: torch.Tensor) -> float:  # over all rows, in slices of batch_tokens
         with torch.no_grad():
-            return float(sum(cosine_distance(y[s:s + batch_tokens] + m[s:s + batch_tokens] @ x,
-                                             h[s:s + batch_tokens]) * len(m[s:s + batch_tokens])
-                             for s in range(0, len(m), batch_tokens)) / len(m))
+            total = sum(float(cosine_distance(yy + mm @ x, hh)) * len(mm)
+                        for mm, yy, hh in zip(m.split(batch_tokens), y.split(batch_tokens), h.split(batch_tokens)))
+        return total / len(m)
 
     before = full(param.detach())
     with torch.enable_grad():
@@ -295,11 +295,12 @@ def _fit_one(block: nn.Module, out_proj: nn.Module | None, path: str, index: int
         handle.remove()
     assert sums is not None
     t = sums.solve(ridge)
-    cosine: tuple[float, float] | None = None
+    cosine: tuple[float, float] | None = None  # distance with the least-squares T, then the refined one
     if refine is not None:
         m_all, y_all, h_all = (torch.cat(parts) for parts in zip(*kept_rows))
         kept_rows.clear()
-        t, *cosine = refine_cosine(t, m_all, y_all, h_all, seed=index, **refine)
+        t, before, after = refine_cosine(t, m_all, y_all, h_all, seed=index, **refine)
+        cosine = (before, after)
         del m_all, y_all, h_all
     fold_into_linear(out_proj, t)
     # The folded block must compute Y + M T (up to the weights' precision); else its output is not
