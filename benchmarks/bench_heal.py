@@ -6,7 +6,9 @@ wall-clock budget, WikiText-2 / PTB perplexity (paper protocol, seq 128) and zer
 Every method gets ``--budget`` seconds of training (steps are planned from a short timing probe and
 capped by ``max_time``), run one after another on the same machine. A chain ``a+b`` shares one budget:
 each training phase gets an equal share of what the phases before it left; a training-free phase
-(``linear-books``) takes no share, its measured time (fit, loading included) is taken from the budget. Results go to
+(``linear-books``) takes no share, its measured time (fit, loading included) is taken from the budget.
+A run with ``passes`` (reconstruct's teacher cache) is planned from a probe that times a first-pass step
+and a later-pass step. Results go to
 ``--results`` (JSON, with settings and library versions) and are printed as a Markdown table.
 """
 
@@ -44,6 +46,13 @@ RUNS: dict[str, tuple[str, str, dict]] = {
                                                             reconstruct_loss="total")),
     "reconstruct-books-w3": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128,
                                                          bridge_width=3)),
+    # the teacher's states cached: four passes over a random quarter of what the steps would need
+    "reconstruct-books-p4": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128, passes=4.0)),
+    "reconstruct-books-p4-first": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128,
+                                                               passes=4.0, reconstruct_first_token=True)),
+    "reconstruct-books-p4-student": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128,
+                                                                 passes=4.0, bridge_inputs="student")),
+    "reconstruct-books-p2": ("reconstruct", "books", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=128, passes=2.0)),
     "reconstruct-alpaca": ("reconstruct", "alpaca", dict(lr=3e-3, batch_size=8, grad_accum=1, seq_len=256)),
     # training-free: its time counts against the budget of the phases after it
     "linear-books": ("linear", "books", dict(batch_size=8, seq_len=128)),
@@ -160,14 +169,27 @@ def main() -> int:
             budget = (args.budget - spent) / training_left
             # Timing probe: a few steps of the same run (training loop only), not counted in the budget.
             marks: list[float] = []
-            probe = heal(str(source), HealingData(dataset.train, []), method, steps=args.probe_steps + 1,
-                         on_step=lambda step, log: marks.append(time.process_time()), **{**common, "progress": False})
-            if args.cpu_budget:  # CPU time between the first and the last probe step: loading left out
-                per_step = (marks[-1] - marks[0]) / args.probe_steps
+            clock = time.process_time if args.cpu_budget else time.perf_counter
+            passes = common.get("passes")
+            if passes:
+                # Two batches, gone over twice: steps 1-2 run the teacher, steps 3-4 read the teacher cache.
+                batch = common["batch_size"] * common.get("grad_accum", 1)
+                heal(str(source), HealingData(dataset.train[:2 * batch], []), method, steps=4,
+                     on_step=lambda step, log: marks.append(clock()),
+                     **{**common, "progress": False, "passes": None})
+                first, later = marks[1] - marks[0], marks[3] - marks[2]
+                # A step of the first pass costs `first`, of a later pass `later`.
+                per_step = first / passes + later * (1 - 1 / passes)
+                print(f"{name} [{phase}]: first pass {first:.2f} s/step, later passes {later:.2f} s/step", flush=True)
             else:
-                per_step = probe.run.seconds / (args.probe_steps + 1)
+                probe = heal(str(source), HealingData(dataset.train, []), method, steps=args.probe_steps + 1,
+                             on_step=lambda step, log: marks.append(clock()), **{**common, "progress": False})
+                if args.cpu_budget:  # CPU time between the first and the last probe step: loading left out
+                    per_step = (marks[-1] - marks[0]) / args.probe_steps
+                else:
+                    per_step = probe.run.seconds / (args.probe_steps + 1)
             steps = max(1, int(budget / per_step * 0.9))  # 10% for validation
-            print(f"{name} [{phase}]: {per_step:.1f} s/step -> {steps} steps in {budget:.0f} s", flush=True)
+            print(f"{name} [{phase}]: {per_step:.2f} s/step -> {steps} steps in {budget:.0f} s", flush=True)
             cpu = time.process_time()
             r = heal(str(source), dataset, method, steps=steps, max_time=None if args.cpu_budget else budget,
                      eval_every=max(1, steps // args.evals), out=out, **common)
@@ -177,6 +199,8 @@ def main() -> int:
                             "steps_done": h["steps_done"], "train_seconds": round(r.run.seconds, 1),
                             "cpu_seconds": round(cpu, 1), "budget_s": round(budget, 1), "best_step": h["best_step"],
                             "val_before": h["val_loss_before"], "val_best": h["best_val_loss"],
+                            "teacher_cache": h.get("teacher_cache"), "train_examples_used": h["data"].get(
+                                "train_examples_used", h["data"]["train_examples"]),
                             "settings": {**common, "progress": None}})
             spent += cpu if args.cpu_budget else r.run.seconds
             source = out

@@ -471,9 +471,10 @@ def test_find_bridges_refuses(kept, message):
         find_bridges(kept, 3 if message == "nothing to reconstruct" else 6)
 
 
-@pytest.mark.parametrize("removed,width,loss", [([2, 3], 1, "token"), ([2, 3], 2, "token"), ([4, 5], 2, "token"),
-                                                ([2, 3], 2, "total")])  # middle; end (the last output)
-def test_reconstruct_objective_equals_reference(removed, width, loss):
+@pytest.mark.parametrize("removed,width,loss,first_token", [([2, 3], 1, "token", False), ([2, 3], 2, "token", False),
+                                                      ([4, 5], 2, "token", False), ([2, 3], 2, "total", False),
+                                                      ([2, 3], 2, "token", True)])  # middle; end (the last output)
+def test_reconstruct_objective_equals_reference(removed, width, loss, first_token):
     """The loss equals a hand computation: run the pruned model with the bridge's input replaced by the
     teacher's, compare its output with the teacher's hidden state after the gap (first position left out)."""
     from shortened.heal.reconstruct import ReconstructObjective
@@ -501,11 +502,11 @@ def test_reconstruct_objective_equals_reference(removed, width, loss):
         student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         h1.remove(), h2.remove()
         mask = batch["attention_mask"].clone().bool()
-        mask[:, 0] = False
+        mask[:, 0] = first_token  # the first position only with --reconstruct-first-token
         err = (outs["bridge"] - target)[mask].pow(2).sum(-1)
         norm = target[mask].pow(2).sum(-1)
         expected = float((err / norm).mean() if loss == "token" else err.sum() / norm.sum())
-        objective = ReconstructObjective(teacher, kept, width, loss)
+        objective = ReconstructObjective(teacher, kept, width, loss, first_token=first_token)
         got = float(objective.sums(student, batch) / objective.counts(batch))
     assert got == pytest.approx(expected, rel=1e-5) and expected > 1e-3
 
@@ -543,6 +544,129 @@ def test_reconstruct_heals_only_the_bridges(trained_tiny):
              **FAST)
     with pytest.raises(ShortenedError, match="nothing to reconstruct"):
         heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, kept=list(range(6)), steps=1, **FAST)
+
+
+def test_teacher_cache_trains_the_same_with_fewer_teacher_forwards(trained_tiny):
+    """With --passes the later passes read the teacher's states from the cache: the same trained weights
+    as with the cache off, and the teacher runs only for the first pass (and the first validation)."""
+    from shortened.surgery import remove_blocks
+
+    data = pattern_data()
+    runs = {}
+    for gb in (0.0, 1.0):
+        student = tiny_model("llama")
+        student.load_state_dict(trained_tiny.state_dict())
+        kept = remove_blocks(student, [2, 3])
+        forwards = []
+        hook = trained_tiny.register_forward_pre_hook(lambda m, a: forwards.append(1))
+        try:
+            r = heal(student, data, "reconstruct", teacher=trained_tiny, kept=kept, steps=9, passes=3.0,
+                     batch_size=4, grad_accum=1, lr=3e-3, eval_every=3, teacher_cache_gb=gb, **FAST)
+        finally:
+            hook.remove()
+        runs[gb] = (r, len(forwards))
+    (off, off_forwards), (on, on_forwards) = runs[0.0], runs[1.0]
+    assert on.record["healing"]["data"]["train_examples_used"] == 12  # 9 steps x 4 examples / 3 passes
+    for a, b in zip(_weights(off.model).values(), _weights(on.model).values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cache = on.record["healing"]["teacher_cache"]
+    val_batches = -(-len(data.val) // 4)
+    from shortened.heal.data import subset_for_passes
+
+    used = subset_for_passes(data, 9, 4, 3.0, seed=0).train + data.val
+    assert cache["examples"] == len({tuple(e["input_ids"]) for e in used}) and not cache["full"]  # repeats: one entry
+    assert 0 < cache["batches_from_teacher"] <= 3 + val_batches  # the first pass and the first validation at most
+    assert cache["batches_from_cache"] == 9 + 4 * val_batches - cache["batches_from_teacher"]
+    assert on_forwards == cache["batches_from_teacher"] and off_forwards == 9 + 4 * val_batches
+    assert "teacher_cache" not in off.record["healing"]
+
+
+@pytest.mark.parametrize("loss", ["token", "total"])
+def test_student_inputs_carry_the_previous_bridge_through_the_kept_blocks(loss):
+    """With --bridge-inputs student the second bridge's input is the pruned model's own hidden state: the
+    loss equals a hand computation on the pruned model run with only the first bridge's input replaced."""
+    from shortened.heal.reconstruct import ReconstructObjective
+    from shortened.surgery import remove_blocks
+
+    teacher = tiny_model("llama")
+    student = tiny_model("llama", seed=1)  # other block weights; the embeddings are the teacher's, as after pruning
+    student.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
+    kept = remove_blocks(student, [1, 4])  # student blocks 0, 2, 3, 5: bridges [0, 2] and [3, 5] (width 2)
+    batch = collate(pattern_data().val[:3])
+    with torch.no_grad():
+        states = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=True, use_cache=False).hidden_states
+        outs = {}
+
+        def keep(name):
+            def hook(module, args, output):
+                outs[name] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        last = teacher.model.layers[5].register_forward_hook(keep("t6"))
+        teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        last.remove()
+        hooks = [student.model.layers[1].register_forward_hook(keep("b1")),
+                 student.model.layers[3].register_forward_hook(keep("b2"))]
+        student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        for h in hooks:
+            h.remove()
+        mask = batch["attention_mask"].clone().bool()
+        mask[:, 0] = False
+        objective = ReconstructObjective(teacher, kept, 2, loss, inputs="student")
+        assert [(b.index, b.count) for b in objective.bridges] == [(0, 2), (2, 2)]
+        expected = 0.0
+        for out, target in ((outs["b1"], states[3]), (outs["b2"], outs["t6"])):
+            err, norm = (out - target)[mask].pow(2).sum(-1), target[mask].pow(2).sum(-1)
+            if loss == "token":
+                expected += float((err / norm).sum())
+            else:  # "total": the micro-batch's summed error over its mean target norm
+                expected += float(err.sum() / norm.mean())
+        got = float(objective.sums(student, batch))
+        assert got == pytest.approx(expected, rel=1e-5)
+        teacher_inputs = float(ReconstructObjective(teacher, kept, 2, loss).sums(student, batch))
+        assert teacher_inputs != pytest.approx(got, rel=1e-3)  # the option changes the second bridge's input
+    with pytest.raises(ShortenedError, match="--bridge-inputs must be one of teacher, student"):
+        ReconstructObjective(teacher, kept, 2, inputs="mixed")
+
+
+def test_teacher_cache_keeps_to_its_memory_and_needs_every_example():
+    from shortened.heal.reconstruct import TeacherCache
+
+    ids = torch.arange(12).reshape(3, 4)
+    mask = torch.ones_like(ids)
+    hidden = {0: torch.randn(3, 4, 8), 5: torch.randn(3, 4, 8)}
+    row_bytes = 2 * 4 * 8 * 4
+    cache = TeacherCache(2 * row_bytes)
+    assert cache.get(ids, mask, torch.device("cpu")) is None
+    cache.put(ids, mask, hidden, {"calls": "per mask"})
+    assert cache.stats()["examples"] == 2 and cache.full and cache.bytes == 2 * row_bytes
+    assert cache.get(ids, mask, torch.device("cpu")) is None  # the third example was not kept
+    got, calls = cache.get(ids[:2], mask[:2], torch.device("cpu")) or (None, None)
+    assert got is None  # a batch of another shape has no calls yet
+    cache.put(ids[:2], mask[:2], {i: h[:2] for i, h in hidden.items()}, {"calls": "2 rows"})
+    got, calls = cache.get(ids[[1, 0]], mask[:2], torch.device("cpu"))
+    assert calls == {"calls": "2 rows"} and torch.equal(got[5], hidden[5][[1, 0]])
+    other = mask[:2].clone()
+    other[0, -1] = 0  # the same tokens with another mask are other examples
+    assert cache.get(ids[:2], other, torch.device("cpu")) is None
+
+
+def test_passes_subset_and_bad_settings(trained_tiny):
+    from shortened.heal.data import subset_for_passes
+
+    data = pattern_data()
+    a, b = subset_for_passes(data, 5, 4, 2.0, seed=0), subset_for_passes(data, 5, 4, 2.0, seed=0)
+    assert len(a.train) == 10 and a.train == b.train and a.val == data.val
+    assert all(e in data.train for e in a.train)
+    assert subset_for_passes(data, 5, 4, 2.0, seed=1).train != a.train
+    assert len(subset_for_passes(data, 1000, 4, 2.0, seed=0).train) == len(data.train)  # capped at the data
+    kept = [0, 1, 4, 5]
+    for kwargs, message in [(dict(passes=2.0), "--passes needs --steps"),
+                            (dict(passes=0.0, steps=2), "--passes must be a positive number"),
+                            (dict(teacher_cache_gb=-1.0, steps=2), "--teacher-cache-gb must be 0 or more")]:
+        with pytest.raises(ShortenedError, match=message):
+            heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, kept=kept, **kwargs, **FAST)
 
 
 def test_cli_reconstruct_from_pruned_folder(tmp_path, capsys):

@@ -20,6 +20,11 @@ from shortened.errors import ShortenedError
      dict(recipe="best", criterion="taylor", heal=None, protect_first=0)),
     (["--recipe", "paper", "--heal", "linear,reconstruct", "--heal-max-time", "30"],
      dict(criterion="ppl", heal="linear,reconstruct", heal_options={"max_time": 30.0})),
+    # the best recipe's passes come with its healing and known steps; the user's --heal or passes win
+    (["--heal-steps", "40"], dict(heal="reconstruct", heal_options={"steps": 40, "passes": 4.0})),
+    (["--heal-steps", "40", "--heal", "reconstruct"], dict(heal_options={"steps": 40})),
+    (["--heal-steps", "40", "--heal-passes", "2"], dict(heal_options={"steps": 40, "passes": 2.0})),
+    (["--recipe", "paper", "--heal-steps", "40"], dict(heal="lora", heal_options={"steps": 40})),
 ])
 def test_recipes_fill_what_the_user_left_unset(argv, expected, monkeypatch, tmp_path):
     import shortened.pipeline as pipeline
@@ -30,6 +35,12 @@ def test_recipes_fill_what_the_user_left_unset(argv, expected, monkeypatch, tmp_
     (config,) = seen
     for key, value in expected.items():
         assert getattr(config, key) == value, key
+
+
+def test_heal_passes_need_heal_steps(tmp_path, capsys):
+    assert main(["run", "smollm2-135m", "--out", str(tmp_path / "o"), "--heal-passes", "2"]) == 2
+    assert "--heal-passes needs --heal-steps" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_every_recipe_names_a_registered_criterion_and_healing():

@@ -90,6 +90,39 @@ def test_search_finds_the_exhaustive_optimum(fitness, protect):
     assert all(first <= i < 7 - last for h in s["history"] for i in h["removed"])
 
 
+def test_longest_run_and_the_greedy_start():
+    from shortened.search import longest_run, lowest_with_max_run
+
+    assert [longest_run(s) for s in ([], [3], [1, 3, 5], [4, 2, 3, 7, 8], [0, 1, 2, 3])] == [0, 1, 1, 3, 4]
+    scores = [5, 0, 1, 2, 3, 9, 4, 8]  # lowest first: 1, 2, 3, 4, 6, ...
+    assert lowest_with_max_run(scores, 4, range(8), 4) == [1, 2, 3, 4]
+    assert lowest_with_max_run(scores, 4, range(8), 2) == [1, 2, 4, 6]  # 3 would join 1-2, then 4 may
+    assert lowest_with_max_run(scores, 3, range(8), 1) == [1, 3, 6]
+    with pytest.raises(ShortenedError, match="cannot remove 4 of blocks 0-4 in runs of at most 1"):
+        lowest_with_max_run(scores, 4, range(5), 1)
+
+
+@pytest.mark.parametrize("max_run", [1, 2])
+def test_search_with_max_run_finds_the_constrained_optimum(max_run):
+    """Brute force over the sets whose runs are at most max_run long; no history entry breaks the bound."""
+    from shortened.search import longest_run
+
+    model = deeper_llama(8, seed=1)
+    ids = tiny_inputs(batch=3, length=20, seed=1)
+    sets = [s for s in itertools.combinations(range(8), 3) if longest_run(s) <= max_run]
+    brute = {s: reference_fitness(model, ids, list(s), "kl") for s in sets}
+    best = min(brute, key=brute.get)
+    unbounded = min(itertools.combinations(range(8), 3), key=lambda s: reference_fitness(model, ids, list(s), "kl"))
+    got = search(model, ids, generations=30, start="bi,magnitude", max_run=max_run)
+    s = got.extra["search"]
+    assert tuple(s["removed"]) == best and s["fitness"] == pytest.approx(brute[best], rel=1e-4)
+    assert all(longest_run(h["removed"]) <= max_run for h in s["history"])
+    assert all(longest_run(v["removed"]) <= max_run for v in s["starts"].values())
+    assert s["settings"]["max_run"] == max_run
+    if longest_run(unbounded) > max_run:  # the bound changed the answer: it was used
+        assert tuple(s["removed"]) != unbounded
+
+
 def test_same_seed_same_search():
     model = deeper_llama(9)
     ids = tiny_inputs(batch=3, length=16)
@@ -125,6 +158,8 @@ def test_offloaded_and_serial_searches_equal_the_default(offload, workers):
     ({"num_blocks": 2, "stages": "x"}, "samples:kept"),
     ({"num_blocks": 2, "start": "search"}, "other criteria's selections"),
     ({"num_blocks": 2, "start": "bi,nope"}, "unknown criterion 'nope'"),
+    ({"num_blocks": 2, "max_run": 0}, "--search-max-run must be at least 1"),
+    ({"num_blocks": 4, "max_run": 1}, "cannot remove 4 of blocks 0-5 in runs of at most 1"),
 ])
 def test_bad_search_requests(options, message):
     with pytest.raises(ShortenedError, match=message):

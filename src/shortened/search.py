@@ -12,7 +12,11 @@ least important. A (1 + lambda) evolutionary search over sets of k removable blo
   ``keep`` best; the last stage measures on every sample, and its best replaces the parent only if its
   fitness is lower (so the result is never worse than the start);
 - fitness: the mean over calibration tokens of KL(dense || pruned) of the next-token distributions
-  (``kl``), or the perplexity of the calibration text (``ppl``).
+  (``kl``), or the perplexity of the calibration text (``ppl``);
+- ``max_run`` (optional) bounds the length of every run of adjacent removed blocks: children beyond it
+  are not made, and the starts are the criteria's lowest-scored blocks taken under the same bound. Healing
+  wants it: ``reconstruct`` trains the kept blocks next to each run, so one long run leaves few blocks to
+  learn the work of many (benchmarks/results/search-reading.md).
 
 Everything is seeded (:class:`random.Random`), and candidates are computed by the cached engine
 (:meth:`shortened.engine.Engine.removal_set_outputs`), which shares every candidate's computation with
@@ -79,6 +83,35 @@ def check_options(fitness: str, generations: int, offspring: int, stages: str | 
 def _check_fitness(fitness: str) -> None:
     if fitness not in FITNESSES:
         raise ShortenedError(f"unknown search fitness '{fitness}': choose {', '.join(FITNESSES)}")
+
+
+def longest_run(blocks: Sequence[int]) -> int:
+    """The length of the longest run of adjacent block indices in ``blocks`` (0 when empty)."""
+    best = run = 0
+    prev = None
+    for b in sorted(set(blocks)):
+        run = run + 1 if prev is not None and b == prev + 1 else 1
+        best, prev = max(best, run), b
+    return best
+
+
+def check_max_run(max_run: int | None) -> None:
+    if max_run is not None and max_run < 1:
+        raise ShortenedError(f"--search-max-run must be at least 1, got {max_run}")
+
+
+def lowest_with_max_run(scores: Sequence[float], k: int, eligible: Sequence[int], max_run: int) -> list[int]:
+    """The ``k`` eligible blocks of lowest score, taken greedily (lowest first) so that no run of adjacent
+    blocks exceeds ``max_run``; a block that would make one is passed over."""
+    check_max_run(max_run)
+    chosen: list[int] = []
+    for b in sorted(eligible, key=lambda i: (scores[i], i)):
+        if len(chosen) < k and longest_run(chosen + [b]) <= max_run:
+            chosen.append(b)
+    if len(chosen) < k:
+        raise ShortenedError(f"cannot remove {k} of blocks {min(eligible)}-{max(eligible)} in runs of at most "
+                             f"{max_run} adjacent blocks: raise --search-max-run or remove fewer")
+    return sorted(chosen)
 
 
 class SetFitness:
@@ -177,11 +210,13 @@ def evolutionary_search(
     offspring: int = DEFAULT_OFFSPRING,
     stages: str | Sequence[Sequence[Any]] = DEFAULT_STAGES,
     seed: int = 0,
+    max_run: int | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Search the sets of ``k`` blocks out of ``eligible`` for the lowest fitness, from the best of
-    ``starts`` (name -> a set of ``k`` eligible blocks). Returns the best set found (never worse than the
-    best start) and the search history."""
+    ``starts`` (name -> a set of ``k`` eligible blocks), among the sets whose runs of adjacent blocks are at
+    most ``max_run`` long (None: any). Returns the best set found (never worse than the best start) and the
+    search history."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -191,6 +226,10 @@ def evolutionary_search(
     for name, s in starts.items():
         if len(set(s)) != k or not set(s) <= set(pool):
             raise ShortenedError(f"starting selection {name} is not a set of {k} removable blocks: {sorted(s)}")
+    check_max_run(max_run)
+    if max_run is not None and any(longest_run(s) > max_run for s in starts.values()):
+        name = next(n for n, s in starts.items() if longest_run(s) > max_run)
+        raise ShortenedError(f"starting selection {name} has a run of more than {max_run} adjacent blocks")
     plan = check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])
     fit = SetFitness(engine, fitness)
     stage_batches = [(fit.micro_batches(n), keep) for n, keep in plan]
@@ -210,7 +249,9 @@ def evolutionary_search(
     with tqdm(total=generations, desc="search", unit="gen", disable=not progress, leave=False) as bar:
         bar.set_postfix({fitness: f"{best:.4g}"})
         for g in range(1, generations + 1):
-            children = _mutants(parent, pool, offspring, rng, known=lambda s: len(fit.sums.get(s, ())) >= full)
+            children = _mutants(parent, pool, offspring, rng,
+                                skip=lambda s: len(fit.sums.get(s, ())) >= full
+                                or (max_run is not None and longest_run(s) > max_run))
             if not children:
                 break  # every neighbour reachable has been measured: nothing left to try
             survivors = children
@@ -227,14 +268,15 @@ def evolutionary_search(
             bar.set_postfix({fitness: f"{best:.4g}"})
             bar.update()
     settings = {"fitness": fitness, "generations": generations, "offspring": offspring,
-                "stages": [[n, keep] for n, keep in plan], "seed": seed, "k": k, "eligible": pool,
+                "stages": [[n, keep] for n, keep in plan], "seed": seed, "k": k, "eligible": pool, "max_run": max_run,
                 "sets_measured": len(fit.sums)}
     return SearchResult(list(parent), best, start, start_info, history, settings, time.perf_counter() - t0)
 
 
-def _mutants(parent: Removal, pool: list[int], n: int, rng: random.Random, known) -> list[Removal]:
+def _mutants(parent: Removal, pool: list[int], n: int, rng: random.Random, skip) -> list[Removal]:
     """Up to ``n`` distinct children of ``parent``, each by 1 + Geometric(1/2) swaps of a removed and a
-    kept block (capped by what can be swapped), skipping sets ``known`` already."""
+    kept block (capped by what can be swapped), leaving out the sets ``skip`` says (measured already, or
+    not allowed)."""
     removed = list(parent)
     kept = [i for i in pool if i not in set(parent)]
     most = min(len(removed), len(kept))
@@ -250,7 +292,7 @@ def _mutants(parent: Removal, pool: list[int], n: int, rng: random.Random, known
         out = set(rng.sample(removed, swaps))
         back = rng.sample(kept, swaps)
         child = tuple(sorted((set(removed) - out) | set(back)))
-        if child not in children and not known(child):
+        if child not in children and not skip(child):
             children[child] = None
     return list(children)
 

@@ -46,7 +46,7 @@ def _method_defaults(name: str) -> str:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..heal import HealSettings, describe_methods, methods
     from ..heal.linear import COSINE_BATCH_TOKENS, OBJECTIVES
-    from ..heal.reconstruct import LOSSES
+    from ..heal.reconstruct import BRIDGE_INPUTS, LOSSES
 
     d = HealSettings()
     p = sub.add_parser("heal", help="heal a pruned model (LoRA, full, distillation, reconstruction, linear bridge)",
@@ -64,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     t.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training split when --steps is not given")
+    t.add_argument("--passes", type=float, default=None,
+                   help="with --steps: train on a seeded random subset of the data that the steps go over this many "
+                        "times (reconstruct: passes after the first skip the teacher, see --teacher-cache-gb)")
     t.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the method's, listed below; distill: 5e-4 with a LoRA student, "
                         "2e-5 full)")
@@ -100,6 +103,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="kept blocks trained per removed run: the one before it, and the next width-1 after it")
     rc.add_argument("--reconstruct-loss", choices=LOSSES, default=d.reconstruct_loss,
                     help="token: mean of per-token relative errors; total: summed error over summed target norm")
+    rc.add_argument("--reconstruct-first-token", action=argparse.BooleanOptionalAction,
+                    default=d.reconstruct_first_token,
+                    help="also fit the first position of each text (the attention sink; per-token relative error)")
+    rc.add_argument("--bridge-inputs", choices=BRIDGE_INPUTS, default=d.bridge_inputs,
+                    help="input of each bridge after the first: the unpruned model's hidden state (teacher) or the "
+                         "pruned model's own, carried from the previous bridge (student)")
+    rc.add_argument("--teacher-cache-gb", type=float, default=d.teacher_cache_gb,
+                    help="host memory for the teacher's states of examples already seen, so that later passes "
+                         "skip the teacher's forward (0: off)")
 
     li = p.add_argument_group("linear bridge (method linear)")
     li.add_argument("--linear-tokens", type=int, default=d.linear_tokens,
@@ -144,7 +156,9 @@ def _run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
         save_every=args.save_every, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         student=args.student, temperature=args.temperature, lm_weight=args.lm_weight, bridge_width=args.bridge_width,
-        reconstruct_loss=args.reconstruct_loss, linear_tokens=args.linear_tokens, linear_ridge=args.linear_ridge,
+        reconstruct_loss=args.reconstruct_loss, teacher_cache_gb=args.teacher_cache_gb, passes=args.passes,
+        bridge_inputs=args.bridge_inputs, reconstruct_first_token=args.reconstruct_first_token,
+        linear_tokens=args.linear_tokens, linear_ridge=args.linear_ridge,
         linear_objective=args.linear_objective, linear_cosine_steps=args.linear_cosine_steps,
         linear_cosine_lr=args.linear_cosine_lr,
         train_on_inputs=args.train_on_inputs, max_examples=args.max_examples, max_time=args.max_time,

@@ -74,6 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--heal-batch-size", type=int, default=None, help="micro-batch size")
     h.add_argument("--heal-grad-accum", type=int, default=None, help="gradient accumulation steps")
     h.add_argument("--heal-seq-len", type=int, default=None, help="training sequence length")
+    h.add_argument("--heal-passes", type=float, default=None,
+                   help="with --heal-steps: go this many times over a random subset of the healing text (default: "
+                        "the recipe's, with its healing: best 4; 1 reads fresh text every step)")
     h.add_argument("--heal-max-time", type=float, default=None,
                    help="stop each training method of the chain after this many seconds")
     e = p.add_argument_group("evaluation")
@@ -108,9 +111,14 @@ def run(args: argparse.Namespace) -> int:
     ratio = args.ratio if args.ratio is not None or args.num_blocks is not None else 0.2
     search = search_options(args)  # the run's --seed reaches the search through RunConfig.seed
     ppl, tasks = _split_eval(args.eval)
+    passes = args.heal_passes
+    if passes is not None and args.heal_steps is None:
+        raise ShortenedError("--heal-passes needs --heal-steps: it sizes the subset of the text those steps go over")
+    if passes is None and args.heal is None and args.heal_steps is not None:
+        passes = recipe.heal_passes  # the recipe's healing, as measured
     heal_options = {k: v for k, v in dict(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size,
                                           grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len,
-                                          max_time=args.heal_max_time).items()
+                                          max_time=args.heal_max_time, passes=passes).items()
                     if v is not None}
     if args.bench_repeats < 1:
         raise ShortenedError("--bench-repeats must be at least 1")

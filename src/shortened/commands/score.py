@@ -55,7 +55,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: boo
 
 #: The search's options on the command line: flag -> option of the search criterion.
 SEARCH_FLAGS = {"--fitness": "fitness", "--generations": "generations", "--offspring": "offspring",
-                "--search-stages": "stages", "--search-start": "start"}
+                "--search-stages": "stages", "--search-start": "start", "--search-max-run": "max_run"}
 
 
 def add_search_args(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +73,11 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                    help="criteria whose selections are the candidates for the start (the best by the fitness "
                         "is taken; default bi,angular,magnitude: the ones that cost no more than a dense pass; add ppl,taylor "
                         "for theirs, at about one ppl criterion's time each or more)")
+
+
+    g.add_argument("--search-max-run", type=int, default=None, metavar="K",
+                   help="search only sets whose runs of adjacent removed blocks are at most K long (healing "
+                        "with reconstruct trains the blocks beside each run: short runs heal better)")
 
 
 def search_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import Any
 from ..engine import Engine
 from ..errors import ShortenedError
 from ..scores import BlockScores
-from ..search import DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search
+from ..search import (DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search,
+                      lowest_with_max_run)
 
 #: Criteria whose selections the search starts from (the best of them by the search's fitness): those that
 #: cost at most one dense pass over the captured inputs. ``ppl`` costs one ppl criterion's time and
@@ -24,7 +25,7 @@ DEFAULT_START = "bi,angular,magnitude"
 def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = None, protect_first: int | None = None,
           protect_last: int | None = None, fitness: str = "kl", generations: int = DEFAULT_GENERATIONS,
           offspring: int = DEFAULT_OFFSPRING, stages: str = DEFAULT_STAGES, start: str = DEFAULT_START,
-          seed: int = 1234) -> tuple[list[float], dict[str, Any]]:
+          seed: int = 1234, max_run: int | None = None) -> tuple[list[float], dict[str, Any]]:
     from ..selection import check_request
 
     if engine.skip:
@@ -36,17 +37,21 @@ def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = N
     check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])  # before the starts
     first, last = protect_first or 0, protect_last or 0  # the search's own default protection: none
     eligible = list(range(first, n - last))
-    starts = starting_selections(engine, k, first, last, start, seed)
+    if max_run is not None:  # refused before the starts are computed
+        lowest_with_max_run([0.0] * n, k, eligible, max_run)
+    starts = starting_selections(engine, k, first, last, start, seed, max_run)
     result = evolutionary_search(engine, k, eligible, starts, fitness=fitness, generations=generations,
-                                 offspring=offspring, stages=stages, seed=seed, progress=engine.progress)
+                                 offspring=offspring, stages=stages, seed=seed, max_run=max_run,
+                                 progress=engine.progress)
     removed = set(result.removed)
     return [0.0 if i in removed else 1.0 for i in engine.active], {"search": result.to_dict()}
 
 
 def starting_selections(engine: Engine, k: int, protect_first: int, protect_last: int, start: str,
-                        seed: int) -> dict[str, list[int]]:
+                        seed: int, max_run: int | None = None) -> dict[str, list[int]]:
     """The blocks each criterion in ``start`` (comma list) would remove under the same request, on the
-    same engine (one capture for all); ``angular`` also gives its best contiguous span."""
+    same engine (one capture for all); ``angular`` also gives its best contiguous span. With ``max_run``,
+    each criterion's lowest-scored blocks taken so that no run is longer (and a span only if it fits)."""
     from ..selection import select_blocks
     from . import get_criterion
 
@@ -59,8 +64,12 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
         values, extra = crit.fn(engine, **({"seed": seed} if crit.takes_seed else {}))
         scores = BlockScores(name, list(values), span_scores=extra.get("span_scores"))
         sel = dict(num_blocks=k, protect_first=protect_first, protect_last=protect_last)
-        out[name] = select_blocks(scores, **sel).remove
-        if scores.span_scores is not None:
+        if max_run is not None:
+            eligible = range(protect_first, engine.num_blocks - protect_last)
+            out[name] = lowest_with_max_run(scores.scores, k, eligible, max_run)
+        else:
+            out[name] = select_blocks(scores, **sel).remove
+        if scores.span_scores is not None and (max_run is None or k <= max_run):
             try:
                 out[f"{name} contiguous"] = select_blocks(scores, contiguous=True, **sel).remove
             except ShortenedError:  # no run of k adjacent unprotected blocks

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import ShortenedError
 from ..loading import LoadOptions
-from .data import HealingData, load_healing_data
+from .data import HealingData, load_healing_data, subset_for_passes
 from .linear import DEFAULT_COSINE_LR, DEFAULT_COSINE_STEPS
 from .linear import DEFAULT_RIDGE as DEFAULT_LINEAR_RIDGE, DEFAULT_TOKENS as DEFAULT_LINEAR_TOKENS
 from .loop import TrainConfig, TrainResult, load_trainable_state, train
@@ -79,6 +79,10 @@ class HealSettings:
     linear_cosine_lr: float = DEFAULT_COSINE_LR  # linear, cosine: Adam's learning rate
     bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
     reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
+    reconstruct_first_token: bool = False  # reconstruct: the first position (the attention sink) in the loss too
+    bridge_inputs: str = "teacher"  # reconstruct: what a later bridge learns on, the teacher's or the student's states
+    teacher_cache_gb: float = 4.0  # reconstruct: host memory for the teacher's states of seen examples (0: off)
+    passes: float | None = None  # with steps: train on a seeded random subset that the steps go over this often
     train_on_inputs: bool = False  # Alpaca: also train on the prompt tokens
     max_examples: int | None = None
     max_time: float | None = None
@@ -113,6 +117,12 @@ class HealSettings:
                 raise ShortenedError(f"--steps must be at least 1, got {self.steps}")
             if self.steps is None and not self.epochs > 0:
                 raise ShortenedError(f"--epochs must be positive, got {self.epochs}")
+            if self.passes is not None and self.steps is None:
+                raise ShortenedError("--passes needs --steps: it sizes the subset of the data those steps go over")
+            if self.passes is not None and not (self.passes > 0 and math.isfinite(self.passes)):
+                raise ShortenedError(f"--passes must be a positive number, got {self.passes}")
+        if not self.teacher_cache_gb >= 0:
+            raise ShortenedError(f"--teacher-cache-gb must be 0 or more, got {self.teacher_cache_gb}")
             if self.max_time is not None and not self.max_time > 0:
                 raise ShortenedError(f"--max-time must be positive, got {self.max_time}")
         for name in ("batch_size", "grad_accum", "lora_r"):
@@ -248,6 +258,9 @@ def heal(
                            best_val_loss=None, val_loss_before=None, train_log=[], val_log=[])
         else:
             global_batch = s.batch_size * s.grad_accum * accelerator.num_processes
+            if s.passes is not None:
+                dataset = subset_for_passes(dataset, s.steps, global_batch, s.passes, s.seed)
+                section["data"] = {**section["data"], "passes": s.passes, "train_examples_used": len(dataset.train)}
             steps = s.steps or max(1, math.ceil(s.epochs * len(dataset.train) / global_batch))
             config = TrainConfig(
                 steps=steps, lr=s.resolved_lr(m.name), batch_size=s.batch_size, grad_accum=s.grad_accum,
@@ -274,7 +287,7 @@ def heal(
                                  if stage_run.val_log and stage_run.val_log[0]["step"] == 0 else None),
                 train_log=stage_run.train_log, val_log=stage_run.val_log)
             run = stage_run
-        section.update(prepared.extra)
+        section.update({k: v() if callable(v) else v for k, v in prepared.extra.items()})
         section["versions"] = library_versions()
         sections.append(section)
         if not last:  # the next method starts from the plain healed model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -208,6 +209,18 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int) -> t
     val = [examples[i] for i in sorted(order[:n_val])]
     train = [examples[i] for i in sorted(order[n_val:])]
     return train, val
+
+
+def subset_for_passes(data: HealingData, steps: int, global_batch: int, passes: float,
+                      seed: int) -> HealingData:
+    """The seeded random subset of ``data.train`` that ``steps`` optimizer steps of ``global_batch``
+    examples go over ``passes`` times (all of it when the data is smaller); validation unchanged."""
+    if not passes > 0 or not math.isfinite(passes):
+        raise ShortenedError(f"--passes must be a positive number, got {passes}")
+    n = min(len(data.train), max(1, math.ceil(steps * global_batch / passes)))
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    train = [data.train[i] for i in sorted(order[:n])]
+    return HealingData(train, data.val, data.kind, data.source)
 
 
 def load_healing_data(

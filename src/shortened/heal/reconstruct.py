@@ -16,6 +16,11 @@ benchmarks/results/healing.md.
 
 The first position of every sequence is left out of the loss: decoder LMs park a huge activation there
 (the attention sink), which would otherwise dominate the squared error.
+
+The teacher's forward is most of a step's time (SmolLM2-135M, Block Influence's blocks, 8 x 128 tokens,
+one core: 2.1 of 3.3 s), and its result for an example never changes, so the states it gives are kept
+per example (:class:`TeacherCache`, up to ``--teacher-cache-gb``): with ``--passes`` the run goes over a
+smaller random subset of the data several times, and every pass after the first skips the teacher.
 """
 
 from __future__ import annotations
@@ -138,17 +143,86 @@ def capture_teacher(teacher: nn.Module, input_ids: torch.Tensor, attention_mask:
     return hidden, calls
 
 
+class TeacherCache:
+    """The teacher's hidden states per example (and its block calls per batch shape), up to ``max_bytes``.
+
+    A training example's states do not depend on the other examples of its batch, so a batch whose
+    examples were all seen before is assembled from the cache instead of running the teacher. The block
+    calls (position embeddings, masks) depend only on the batch's attention mask, and are kept per mask.
+    States are kept on the CPU, so a GPU run spends host memory, not device memory, on them.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self.bytes = 0
+        self.full = False
+        self.hits = self.misses = 0
+        self._rows: dict[bytes, dict[int, torch.Tensor]] = {}
+        self._calls: dict[bytes, dict[int, BlockCall]] = {}
+
+    @staticmethod
+    def _row_keys(input_ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
+        ids, m = input_ids.cpu().numpy(), mask.cpu().numpy()
+        return [ids[r].tobytes() + m[r].tobytes() for r in range(ids.shape[0])]
+
+    @staticmethod
+    def _call_key(mask: torch.Tensor) -> bytes:
+        return str(tuple(mask.shape)).encode() + mask.cpu().numpy().tobytes()
+
+    def get(self, input_ids: torch.Tensor, mask: torch.Tensor,
+            device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, BlockCall]] | None:
+        """The batch's states and calls, or None (counted as a miss) unless every example is cached."""
+        calls = self._calls.get(self._call_key(mask))
+        rows = [self._rows.get(k) for k in self._row_keys(input_ids, mask)]
+        if calls is None or any(r is None for r in rows):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return {i: torch.stack([r[i] for r in rows]).to(device) for i in rows[0]}, calls
+
+    def put(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: dict[int, torch.Tensor],
+            calls: dict[int, BlockCall]) -> None:
+        """Keep the batch's states while they fit in ``max_bytes`` (the first examples seen win)."""
+        key = self._call_key(mask)
+        if key not in self._calls:
+            self._calls[key] = calls  # a few small tensors per batch shape: not counted
+        for r, row_key in enumerate(self._row_keys(input_ids, mask)):
+            if row_key in self._rows:
+                continue
+            row = {i: h[r].detach().to("cpu", copy=True) for i, h in hidden.items()}
+            size = sum(t.numel() * t.element_size() for t in row.values())
+            if self.bytes + size > self.max_bytes:
+                self.full = True
+                return
+            self._rows[row_key] = row
+            self.bytes += size
+
+    def stats(self) -> dict[str, Any]:
+        return {"examples": len(self._rows), "gb": round(self.bytes / 2**30, 3), "full": self.full,
+                "max_gb": round(self.max_bytes / 2**30, 3), "batches_from_cache": self.hits,
+                "batches_from_teacher": self.misses}
+
+
 #: ``token``: mean over tokens of ||error||^2 / ||target||^2; ``total``: the summed squared error over the
 #: summed squared target norm (per micro-batch), which weighs large-norm tokens more.
 LOSSES = ("token", "total")
 
 
-def check_options(width: int, loss: str = "token") -> None:
-    """Refuse a bridge width below 1 or an unknown loss (CLI names in the messages)."""
+#: What a bridge after the first gets as input: ``teacher``: the unpruned model's hidden state (every bridge
+#: learns on its own); ``student``: the pruned model's own, the previous bridge's output carried through
+#: the kept blocks between them without gradient, as the bridge will see it once healed (a few more block
+#: forwards a step).
+BRIDGE_INPUTS = ("teacher", "student")
+
+
+def check_options(width: int, loss: str = "token", inputs: str = "teacher") -> None:
+    """Refuse a bridge width below 1, an unknown loss or input (CLI names in the messages)."""
     if width < 1:
         raise ShortenedError(f"--bridge-width must be at least 1, got {width}")
     if loss not in LOSSES:
         raise ShortenedError(f"--reconstruct-loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+    if inputs not in BRIDGE_INPUTS:
+        raise ShortenedError(f"--bridge-inputs must be one of {', '.join(BRIDGE_INPUTS)}, got '{inputs}'")
 
 
 class ReconstructObjective:
@@ -160,9 +234,13 @@ class ReconstructObjective:
     names = ("recon",)
     weights = (1.0,)
 
-    def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int = 2, loss: str = "token"):
-        check_options(width, loss)
+    def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int = 2, loss: str = "token",
+                 cache_bytes: int = 0, inputs: str = "teacher", first_token: bool = False):
+        check_options(width, loss, inputs)
         self.loss = loss
+        self.first_token = first_token
+        self.inputs = inputs
+        self.cache = TeacherCache(cache_bytes) if cache_bytes > 0 else None
         self.teacher = teacher.eval().requires_grad_(False)
         self.num_teacher_blocks = len(get_blocks(teacher, get_arch(teacher)))
         self.kept = list(kept)
@@ -170,25 +248,51 @@ class ReconstructObjective:
 
     def _mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"].clone()
-        mask[:, 0] = 0  # the attention-sink position (module docstring)
+        if not self.first_token:
+            mask[:, 0] = 0  # the attention-sink position (module docstring)
         return mask
 
     def counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (self._mask(batch).sum() * len(self.bridges)).float().reshape(1)
+
+    def _between(self) -> list[range]:
+        """The student's kept blocks between each bridge and the next."""
+        return [range(a.index + a.count, b.index) for a, b in zip(self.bridges, self.bridges[1:])]
+
+    def teacher_states(self, batch: dict[str, torch.Tensor], inputs_at: set[int],
+                       calls_at: set[int]) -> tuple[dict[int, torch.Tensor], dict[int, BlockCall]]:
+        """:func:`capture_teacher` on the batch, through the cache when there is one."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        cached = self.cache.get(ids, mask, ids.device) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        hidden, calls = capture_teacher(self.teacher, ids, mask, inputs_at, calls_at)
+        if self.cache is not None:
+            self.cache.put(ids, mask, hidden, calls)
+        return hidden, calls
 
     def sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         student = getattr(model, "module", model)  # past a DDP wrapper: see the class docstring
         blocks = get_blocks(student)
         starts = {b.start for b in self.bridges}
         ends = {b.end for b in self.bridges}
-        hidden, calls = capture_teacher(self.teacher, batch["input_ids"], batch.get("attention_mask"),
-                                        starts | ends, {self.kept[i] for b in self.bridges for i in b.blocks})
+        between = self._between() if self.inputs == "student" else []
+        hidden, calls = self.teacher_states(batch, starts | ends, {self.kept[i] for b in self.bridges for i in b.blocks}
+                                            | {self.kept[i] for run in between for i in run})
         mask = self._mask(batch).to(torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
-        for b in self.bridges:
+        previous = None
+        for n, b in enumerate(self.bridges):
             out = hidden[b.start]
+            if previous is not None:  # "student" inputs: the previous bridge's output, through the kept blocks
+                with torch.no_grad():
+                    out = previous.detach()
+                    for i in between[n - 1]:
+                        out = call_block(blocks[i], calls[self.kept[i]], out, out.shape[0])
             for i in b.blocks:
                 out = call_block(blocks[i], calls[self.kept[i]], out, out.shape[0])
+            if self.inputs == "student":
+                previous = out
             target = hidden[b.end].float()
             sq_err, sq_norm = (out.float() - target).pow(2).sum(-1), target.pow(2).sum(-1)
             if self.loss == "token":
@@ -200,8 +304,12 @@ class ReconstructObjective:
 
 
 def _prepare(ctx: HealContext) -> Prepared:
-    objective = ReconstructObjective(ctx.teacher, ctx.kept, ctx.settings.bridge_width, ctx.settings.reconstruct_loss)
-    return Prepared(make_bridges_trainable(ctx.model, objective.bridges), objective, "bridges")
+    s = ctx.settings
+    objective = ReconstructObjective(ctx.teacher, ctx.kept, s.bridge_width, s.reconstruct_loss,
+                                     cache_bytes=int(s.teacher_cache_gb * 2**30), inputs=s.bridge_inputs,
+                                     first_token=s.reconstruct_first_token)
+    extra = {"teacher_cache": objective.cache.stats} if objective.cache is not None else {}  # read after training
+    return Prepared(make_bridges_trainable(ctx.model, objective.bridges), objective, "bridges", extra=extra)
 
 
 METHOD = HealMethod(
@@ -214,5 +322,5 @@ METHOD = HealMethod(
     needs_teacher=True,
     needs_kept=True,
     one_process=True,
-    check=lambda settings: check_options(settings.bridge_width, settings.reconstruct_loss),
+    check=lambda settings: check_options(settings.bridge_width, settings.reconstruct_loss, settings.bridge_inputs),
 )

@@ -58,7 +58,8 @@ class Prepared:
     finalize: Callable[[nn.Module], nn.Module] = _unchanged
     #: Saved as adapter/ beside the merged model (peft's save_pretrained) when the method is the last.
     adapter: bool = False
-    #: Recorded in the healing section (e.g. the fitted bridges' errors).
+    #: Recorded in the healing section (e.g. the fitted bridges' errors); a callable value is called when
+    #: the section is written, after training (e.g. figures the objective gathers while it runs).
     extra: dict[str, Any] = field(default_factory=dict)
 
 
