@@ -579,6 +579,12 @@ def test_teacher_cache_trains_the_same_with_fewer_teacher_forwards(trained_tiny)
     assert cache["batches_from_cache"] == 9 + 4 * val_batches - cache["batches_from_teacher"]
     assert on_forwards == cache["batches_from_teacher"] and off_forwards == 9 + 4 * val_batches
     assert "teacher_cache" not in off.record["healing"]
+    # Fresh examples every step: no cache is kept (it would hold states never read again).
+    student = tiny_model("llama")
+    kept = remove_blocks(student, [2, 3])
+    r = heal(student, data, "reconstruct", teacher=trained_tiny, kept=kept, steps=2, batch_size=4, grad_accum=1,
+             **FAST)
+    assert 2 * 4 <= len(data.train) and "teacher_cache" not in r.record["healing"]
 
 
 @pytest.mark.parametrize("loss", ["token", "total"])

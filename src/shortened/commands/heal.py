@@ -111,7 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "pruned model's own, carried from the previous bridge (student)")
     rc.add_argument("--teacher-cache-gb", type=float, default=d.teacher_cache_gb,
                     help="host memory for the teacher's states of examples already seen, so that later passes "
-                         "skip the teacher's forward (0: off)")
+                         "skip the teacher's forward; kept only when the run sees an example twice (0: off)")
 
     li = p.add_argument_group("linear bridge (method linear)")
     li.add_argument("--linear-tokens", type=int, default=d.linear_tokens,

@@ -18,9 +18,10 @@ The first position of every sequence is left out of the loss: decoder LMs park a
 (the attention sink), which would otherwise dominate the squared error.
 
 The teacher's forward is most of a step's time (SmolLM2-135M, Block Influence's blocks, 8 x 128 tokens,
-one core: 2.1 of 3.3 s), and its result for an example never changes, so the states it gives are kept
-per example (:class:`TeacherCache`, up to ``--teacher-cache-gb``): with ``--passes`` the run goes over a
-smaller random subset of the data several times, and every pass after the first skips the teacher.
+one core: 2.1 of 3.3 s), and its result for an example never changes, so when the run sees an example
+more than once the states it gives are kept per example (:class:`TeacherCache`, up to
+``--teacher-cache-gb``): with ``--passes`` the run goes over a smaller random subset of the data several
+times, and every pass after the first skips the teacher.
 """
 
 from __future__ import annotations
@@ -303,10 +304,21 @@ class ReconstructObjective:
         return total.reshape(1)
 
 
+def _data_repeats(ctx: HealContext) -> bool:
+    """Whether the run sees an example more than once (only then is the teacher cache worth its memory)."""
+    s = ctx.settings
+    if s.passes is not None:
+        return s.passes > 1
+    if s.steps is None:
+        return s.epochs > 1
+    return s.steps * s.batch_size * s.grad_accum > len(ctx.data.train)
+
+
 def _prepare(ctx: HealContext) -> Prepared:
     s = ctx.settings
+    cache_gb = s.teacher_cache_gb if _data_repeats(ctx) else 0.0
     objective = ReconstructObjective(ctx.teacher, ctx.kept, s.bridge_width, s.reconstruct_loss,
-                                     cache_bytes=int(s.teacher_cache_gb * 2**30), inputs=s.bridge_inputs,
+                                     cache_bytes=int(cache_gb * 2**30), inputs=s.bridge_inputs,
                                      first_token=s.reconstruct_first_token)
     extra = {"teacher_cache": objective.cache.stats} if objective.cache is not None else {}  # read after training
     return Prepared(make_bridges_trainable(ctx.model, objective.bridges), objective, "bridges", extra=extra)
