@@ -341,6 +341,8 @@ def test_bad_settings():
         heal(tiny_model("llama"), data, "full", steps=1, checkpoint_dir="/nonexistent/ckpt", resume=True, **FAST)
     with pytest.raises(ShortenedError, match="temperature"):
         heal(tiny_model("llama"), data, "distill", teacher=tiny_model("llama"), temperature=0, steps=1, **FAST)
+    with pytest.raises(ShortenedError, match="--max-time must be positive"):
+        heal(tiny_model("llama"), data, "full", steps=1, max_time=0, **FAST)
 
 
 def test_teacher_with_other_vocabulary_is_refused():

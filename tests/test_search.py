@@ -91,15 +91,22 @@ def test_search_finds_the_exhaustive_optimum(fitness, protect):
 
 
 def test_longest_run_and_the_greedy_start():
-    from shortened.search import longest_run, lowest_with_max_run
+    from shortened.search import check_max_run, longest_run, lowest_with_max_run
 
     assert [longest_run(s) for s in ([], [3], [1, 3, 5], [4, 2, 3, 7, 8], [0, 1, 2, 3])] == [0, 1, 1, 3, 4]
     scores = [5, 0, 1, 2, 3, 9, 4, 8]  # lowest first: 1, 2, 3, 4, 6, ...
     assert lowest_with_max_run(scores, 4, range(8), 4) == [1, 2, 3, 4]
     assert lowest_with_max_run(scores, 4, range(8), 2) == [1, 2, 4, 6]  # 3 would join 1-2, then 4 may
     assert lowest_with_max_run(scores, 3, range(8), 1) == [1, 3, 6]
+    # Blocks 0, 2, 4 are a set of 3 in runs of 1, but taking 1 and 3 first leaves none: the greedy is stuck.
+    assert lowest_with_max_run([1, 0, 2, 0, 3], 3, range(5), 1) is None
+    assert lowest_with_max_run([0.0] * 5, 3, range(5), 1) == [0, 2, 4]  # equal scores: packed from the start
+    check_max_run(1, 3, range(5))  # 3 of 5 fit in runs of 1; 4 do not
     with pytest.raises(ShortenedError, match="cannot remove 4 of blocks 0-4 in runs of at most 1"):
-        lowest_with_max_run(scores, 4, range(5), 1)
+        check_max_run(1, 4, range(5))
+    check_max_run(2, 7, range(10))  # 10 blocks in runs of at most 2: 10 - 10 // 3 = 7 fit (0-1, 3-4, 6-7, 9)
+    with pytest.raises(ShortenedError, match="cannot remove 8 of blocks 0-9 in runs of at most 2"):
+        check_max_run(2, 8, range(10))
 
 
 @pytest.mark.parametrize("max_run", [1, 2])

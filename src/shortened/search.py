@@ -95,23 +95,28 @@ def longest_run(blocks: Sequence[int]) -> int:
     return best
 
 
-def check_max_run(max_run: int | None) -> None:
-    if max_run is not None and max_run < 1:
+def check_max_run(max_run: int | None, k: int | None = None, eligible: Sequence[int] = ()) -> None:
+    """Refuse a bound below 1, or ``k`` blocks that the ``eligible`` ones (a contiguous range) cannot give in
+    runs of at most ``max_run``: such a range of ``m`` blocks holds at most ``m - m // (max_run + 1)``."""
+    if max_run is None:
+        return
+    if max_run < 1:
         raise ShortenedError(f"--search-max-run must be at least 1, got {max_run}")
+    m = len(eligible)
+    if k is not None and k > m - m // (max_run + 1):
+        raise ShortenedError(f"cannot remove {k} of blocks {min(eligible)}-{max(eligible)} in runs of at most "
+                             f"{max_run} adjacent blocks: raise --search-max-run or remove fewer")
 
 
-def lowest_with_max_run(scores: Sequence[float], k: int, eligible: Sequence[int], max_run: int) -> list[int]:
+def lowest_with_max_run(scores: Sequence[float], k: int, eligible: Sequence[int], max_run: int) -> list[int] | None:
     """The ``k`` eligible blocks of lowest score, taken greedily (lowest first) so that no run of adjacent
-    blocks exceeds ``max_run``; a block that would make one is passed over."""
-    check_max_run(max_run)
+    blocks exceeds ``max_run``; a block that would make one is passed over. None when the greedy choice gets
+    stuck short of ``k`` (possible even when such a set exists)."""
     chosen: list[int] = []
     for b in sorted(eligible, key=lambda i: (scores[i], i)):
         if len(chosen) < k and longest_run(chosen + [b]) <= max_run:
             chosen.append(b)
-    if len(chosen) < k:
-        raise ShortenedError(f"cannot remove {k} of blocks {min(eligible)}-{max(eligible)} in runs of at most "
-                             f"{max_run} adjacent blocks: raise --search-max-run or remove fewer")
-    return sorted(chosen)
+    return sorted(chosen) if len(chosen) == k else None
 
 
 class SetFitness:
@@ -226,7 +231,7 @@ def evolutionary_search(
     for name, s in starts.items():
         if len(set(s)) != k or not set(s) <= set(pool):
             raise ShortenedError(f"starting selection {name} is not a set of {k} removable blocks: {sorted(s)}")
-    check_max_run(max_run)
+    check_max_run(max_run)  # the starts given hold k blocks in bounded runs: the request is feasible
     if max_run is not None and any(longest_run(s) > max_run for s in starts.values()):
         name = next(n for n, s in starts.items() if longest_run(s) > max_run)
         raise ShortenedError(f"starting selection {name} has a run of more than {max_run} adjacent blocks")

@@ -13,8 +13,8 @@ from typing import Any
 from ..engine import Engine
 from ..errors import ShortenedError
 from ..scores import BlockScores
-from ..search import (DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_options, evolutionary_search,
-                      lowest_with_max_run)
+from ..search import (DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_max_run, check_options,
+                      evolutionary_search, lowest_with_max_run)
 
 #: Criteria whose selections the search starts from (the best of them by the search's fitness): those that
 #: cost at most one dense pass over the captured inputs. ``ppl`` costs one ppl criterion's time and
@@ -37,8 +37,7 @@ def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = N
     check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])  # before the starts
     first, last = protect_first or 0, protect_last or 0  # the search's own default protection: none
     eligible = list(range(first, n - last))
-    if max_run is not None:  # refused before the starts are computed
-        lowest_with_max_run([0.0] * n, k, eligible, max_run)
+    check_max_run(max_run, k, eligible)  # before the starts are computed
     starts = starting_selections(engine, k, first, last, start, seed, max_run)
     result = evolutionary_search(engine, k, eligible, starts, fitness=fitness, generations=generations,
                                  offspring=offspring, stages=stages, seed=seed, max_run=max_run,
@@ -55,6 +54,7 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
     from ..selection import select_blocks
     from . import get_criterion
 
+    eligible = range(protect_first, engine.num_blocks - protect_last)
     names = [s.strip() for s in start.split(",") if s.strip()]
     if not names or "search" in names:
         raise ShortenedError(f"the search starts from other criteria's selections (e.g. {DEFAULT_START}), got '{start}'")
@@ -65,8 +65,9 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
         scores = BlockScores(name, list(values), span_scores=extra.get("span_scores"))
         sel = dict(num_blocks=k, protect_first=protect_first, protect_last=protect_last)
         if max_run is not None:
-            eligible = range(protect_first, engine.num_blocks - protect_last)
-            out[name] = lowest_with_max_run(scores.scores, k, eligible, max_run)
+            chosen = lowest_with_max_run(scores.scores, k, eligible, max_run)
+            if chosen is not None:  # else the greedy choice got stuck: no start from this criterion
+                out[name] = chosen
         else:
             out[name] = select_blocks(scores, **sel).remove
         if scores.span_scores is not None and (max_run is None or k <= max_run):
@@ -74,6 +75,8 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
                 out[f"{name} contiguous"] = select_blocks(scores, contiguous=True, **sel).remove
             except ShortenedError:  # no run of k adjacent unprotected blocks
                 pass
+    if not out:  # a bound every greedy choice got stuck under: the blocks packed from the first eligible one
+        out["packed"] = lowest_with_max_run([0.0] * engine.num_blocks, k, eligible, max_run)
     return out
 
 

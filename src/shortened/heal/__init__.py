@@ -121,10 +121,10 @@ class HealSettings:
                 raise ShortenedError("--passes needs --steps: it sizes the subset of the data those steps go over")
             if self.passes is not None and not (self.passes > 0 and math.isfinite(self.passes)):
                 raise ShortenedError(f"--passes must be a positive number, got {self.passes}")
-        if not self.teacher_cache_gb >= 0:
-            raise ShortenedError(f"--teacher-cache-gb must be 0 or more, got {self.teacher_cache_gb}")
             if self.max_time is not None and not self.max_time > 0:
                 raise ShortenedError(f"--max-time must be positive, got {self.max_time}")
+        if not self.teacher_cache_gb >= 0:
+            raise ShortenedError(f"--teacher-cache-gb must be 0 or more, got {self.teacher_cache_gb}")
         for name in ("batch_size", "grad_accum", "lora_r"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ShortenedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
