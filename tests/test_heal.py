@@ -619,8 +619,7 @@ def test_student_inputs_carry_the_previous_bridge_through_the_kept_blocks(loss):
         student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         for h in hooks:
             h.remove()
-        mask = batch["attention_mask"].clone().bool()
-        mask[:, 0] = False
+        mask = batch["attention_mask"].clone().bool()  # the first position too: the default
         objective = ReconstructObjective(teacher, kept, 2, loss, inputs="student")
         assert [(b.index, b.count) for b in objective.bridges] == [(0, 2), (2, 2)]
         expected = 0.0
@@ -675,6 +674,63 @@ def test_passes_subset_and_bad_settings(trained_tiny):
                             (dict(teacher_cache_gb=-1.0, steps=2), "--teacher-cache-gb must be 0 or more")]:
         with pytest.raises(ShortenedError, match=message):
             heal(tiny_model("llama"), data, "reconstruct", teacher=trained_tiny, kept=kept, **kwargs, **FAST)
+
+
+def _first_linear(block: torch.nn.Module) -> torch.nn.Linear:
+    return next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("method", ["reconstruct", "lora"])
+def test_bf16_autocast_reaches_every_forward_and_keeps_float32_weights(trained_tiny, method):
+    """--mixed-precision bf16: the student's blocks (called directly by reconstruct) and the teacher run
+    their matmuls in bfloat16, the weights stay float32, training lands where float32 training does;
+    the setting does not leak into the next run of the same process."""
+    from shortened.archs import get_blocks
+    from shortened.surgery import remove_blocks
+
+    data = pattern_data()
+    runs = {}
+    for precision in ("bf16", None):
+        student = tiny_model("llama")
+        student.load_state_dict(trained_tiny.state_dict())
+        kept = remove_blocks(student, [2, 3])
+        seen: dict[str, set] = {"student": set(), "teacher": set()}
+        hooks = [_first_linear(get_blocks(model)[1]).register_forward_hook(
+                 lambda m, a, out, who=who: seen[who].add(out.dtype))
+                 for who, model in (("student", student), ("teacher", trained_tiny))]
+        try:
+            extra = dict(teacher=trained_tiny, kept=kept, lr=3e-3) if method == "reconstruct" else dict(lr=1e-2)
+            r = heal(student, data, method, steps=8, batch_size=8, grad_accum=1, eval_every=4,
+                     mixed_precision=precision, **extra, **FAST)
+        finally:
+            for h in hooks:
+                h.remove()
+        runs[precision] = r
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert seen["student"] == {expected}, seen
+        if method == "reconstruct":
+            assert seen["teacher"] == {expected}, seen
+        assert {p.dtype for p in r.model.parameters()} == {torch.float32}
+        assert r.record["healing"]["settings"]["mixed_precision"] == precision
+    bf16, fp32 = runs["bf16"].run, runs[None].run
+    assert bf16.best_val_loss < (0.8 if method == "reconstruct" else 0.99) * bf16.val_log[0]["val_loss"], bf16.val_log
+    torch.testing.assert_close(bf16.best_val_loss, fp32.best_val_loss, rtol=0.05, atol=1e-3)
+
+
+def test_mixed_precision_auto_and_bad_value(trained_tiny, monkeypatch):
+    import importlib
+
+    heal_module = importlib.import_module("shortened.heal")  # the package: `shortened.heal` is also the function
+
+    assert heal_module.resolve_mixed_precision("fp16") == "fp16" and heal_module.resolve_mixed_precision(None) is None
+    monkeypatch.setattr(heal_module, "fast_bf16", lambda device=None: True)
+    assert heal_module.resolve_mixed_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(heal_module, "fast_bf16", lambda device=None: False)
+    assert heal_module.resolve_mixed_precision("auto", "cpu") is None
+    r = heal(tiny_model("llama"), pattern_data(), "full", steps=1, mixed_precision="auto", **FAST)
+    assert r.record["healing"]["settings"]["mixed_precision"] is None
+    with pytest.raises(ShortenedError, match="--mixed-precision must be one of auto, no, fp16, bf16"):
+        heal(tiny_model("llama"), pattern_data(), "full", steps=1, mixed_precision="int8", **FAST)
 
 
 def test_cli_reconstruct_from_pruned_folder(tmp_path, capsys):

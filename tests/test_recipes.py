@@ -19,12 +19,14 @@ from shortened.errors import ShortenedError
     (["--criterion", "taylor", "--heal", "none", "--protect-first", "0"],
      dict(recipe="best", criterion="taylor", heal=None, protect_first=0)),
     (["--recipe", "paper", "--heal", "linear,reconstruct", "--heal-max-time", "30"],
-     dict(criterion="ppl", heal="linear,reconstruct", heal_options={"max_time": 30.0})),
+     dict(criterion="ppl", heal="linear,reconstruct", heal_options={"max_time": 30.0, "mixed_precision": "auto"})),
     # the best recipe's passes come with its healing and known steps; the user's --heal or passes win
-    (["--heal-steps", "40"], dict(heal="reconstruct", heal_options={"steps": 40, "passes": 4.0})),
-    (["--heal-steps", "40", "--heal", "reconstruct"], dict(heal_options={"steps": 40})),
-    (["--heal-steps", "40", "--heal-passes", "2"], dict(heal_options={"steps": 40, "passes": 2.0})),
-    (["--recipe", "paper", "--heal-steps", "40"], dict(heal="lora", heal_options={"steps": 40})),
+    (["--heal-steps", "40"], dict(heal="reconstruct", heal_options={"steps": 40, "passes": 4.0, "mixed_precision": "auto"})),
+    (["--heal-steps", "40", "--heal", "reconstruct"], dict(heal_options={"steps": 40, "mixed_precision": "auto"})),
+    (["--heal-steps", "40", "--heal-passes", "2"], dict(heal_options={"steps": 40, "passes": 2.0, "mixed_precision": "auto"})),
+    (["--recipe", "paper", "--heal-steps", "40"], dict(heal="lora", heal_options={"steps": 40, "mixed_precision": "auto"})),
+    # training precision: bfloat16 autocast where the hardware has it, unless told otherwise
+    (["--heal-mixed-precision", "no"], dict(heal_options={"mixed_precision": "no"})),
 ])
 def test_recipes_fill_what_the_user_left_unset(argv, expected, monkeypatch, tmp_path):
     import shortened.pipeline as pipeline

@@ -35,8 +35,8 @@ RECIPES: dict[str, Recipe] = {
     r.name: r for r in (
         Recipe("best", criterion="bi", heal="reconstruct", heal_data="books", heal_passes=4.0,
                summary="Block Influence selection, then block-local reconstruction on plain text, four passes "
-                       "over a quarter of the text the steps would read (the best measured: BENCHMARKS.md, "
-                       "'Replace, don't just remove')"),
+                       "over a quarter of the text the steps would read, bf16 autocast where the hardware has it "
+                       "(the best measured: BENCHMARKS.md, 'Replace, don't just remove')"),
         Recipe("paper", criterion="ppl", heal="lora", heal_data="alpaca",
                summary="Shortened LLaMA: PPL criterion, LoRA (r 8) on Alpaca"),
     )

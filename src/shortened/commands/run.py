@@ -77,6 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--heal-passes", type=float, default=None,
                    help="with --heal-steps: go this many times over a random subset of the healing text (default: "
                         "the recipe's, with its healing: best 4; 1 reads fresh text every step)")
+    h.add_argument("--heal-mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="training precision (auto: bfloat16 autocast where the hardware has it, CUDA or a CPU with "
+                        "AVX512-BF16/AMX; weights stay float32)")
     h.add_argument("--heal-max-time", type=float, default=None,
                    help="stop each training method of the chain after this many seconds")
     e = p.add_argument_group("evaluation")
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         passes = recipe.heal_passes  # the recipe's healing, as measured
     heal_options = {k: v for k, v in dict(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size,
                                           grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len,
-                                          max_time=args.heal_max_time, passes=passes).items()
+                                          max_time=args.heal_max_time, passes=passes,
+                                          mixed_precision=args.heal_mixed_precision).items()
                     if v is not None}
     if args.bench_repeats < 1:
         raise ShortenedError("--bench-repeats must be at least 1")

@@ -79,14 +79,17 @@ class HealSettings:
     linear_cosine_lr: float = DEFAULT_COSINE_LR  # linear, cosine: Adam's learning rate
     bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
     reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
-    reconstruct_first_token: bool = False  # reconstruct: the first position (the attention sink) in the loss too
+    reconstruct_first_token: bool = True  # reconstruct: the first position (the attention sink) in the loss too
     bridge_inputs: str = "teacher"  # reconstruct: what a later bridge learns on, the teacher's or the student's states
     teacher_cache_gb: float = 4.0  # reconstruct: host memory for the teacher's states of seen examples (0: off)
     passes: float | None = None  # with steps: train on a seeded random subset that the steps go over this often
     train_on_inputs: bool = False  # Alpaca: also train on the prompt tokens
     max_examples: int | None = None
     max_time: float | None = None
-    mixed_precision: str | None = None  # accelerate: no, fp16, bf16 (default: accelerate's config)
+    #: no, fp16 (accelerate's, with its loss scaling), bf16 (torch.autocast around every forward of the
+    #: objective, teacher and directly called blocks included: TrainConfig.autocast), auto (bf16 where the
+    #: hardware has it: fast_bf16); default: accelerate's config
+    mixed_precision: str | None = None
     dtype: str = "auto"
 
     def for_method(self, method: str) -> "HealSettings":
@@ -123,6 +126,9 @@ class HealSettings:
                 raise ShortenedError(f"--passes must be a positive number, got {self.passes}")
             if self.max_time is not None and not self.max_time > 0:
                 raise ShortenedError(f"--max-time must be positive, got {self.max_time}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise ShortenedError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
+                                 f"got '{self.mixed_precision}'")
         if not self.teacher_cache_gb >= 0:
             raise ShortenedError(f"--teacher-cache-gb must be 0 or more, got {self.teacher_cache_gb}")
         for name in ("batch_size", "grad_accum", "lora_r"):
@@ -132,6 +138,28 @@ class HealSettings:
             raise ShortenedError(f"--seq-len must be at least 2, got {self.seq_len}")
         if not 0 <= self.val_fraction < 1:
             raise ShortenedError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+def fast_bf16(device: str | None = None) -> bool:
+    """Whether bfloat16 matmuls run natively where training will run (default: CUDA when available):
+    a CUDA device with bf16, or a CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated, and slower)."""
+    import torch
+
+    on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if on_cuda:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu has no public query
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_mixed_precision(value: str | None, device: str | None = None) -> str | None:
+    """``auto``: bf16 where :func:`fast_bf16`, else None (accelerate's config); other values unchanged."""
+    if value == "auto":
+        return "bf16" if fast_bf16(device) else None
+    return value
 
 
 @dataclass
@@ -185,6 +213,8 @@ def heal(
 
     chain = parse_chain(method)
     base = dataclasses.replace(settings or HealSettings(), **overrides)
+    base = dataclasses.replace(base, mixed_precision=resolve_mixed_precision(base.mixed_precision,
+                                                                             load.device if load else None))
     if load is not None:
         base = dataclasses.replace(base, dtype=load.dtype)
     per_method = [base.for_method(m.name) for m in chain]
@@ -193,7 +223,9 @@ def heal(
     load = dataclasses.replace(load or LoadOptions(dtype=base.dtype), device_map=None)
     if out is not None:
         check_output_dir(out, overwrite)  # fail before any slow work
-    accelerator = Accelerator(mixed_precision=base.mixed_precision, cpu=load.device == "cpu")
+    # bf16 is the loop's own autocast (TrainConfig.autocast), so accelerate's per-process precision stays as configured
+    accelerator = Accelerator(mixed_precision=None if base.mixed_precision == "bf16" else base.mixed_precision,
+                              cpu=load.device == "cpu")
     device = str(accelerator.device)
     single = [m.name for m in chain if m.one_process]
     if single and accelerator.num_processes > 1:
@@ -266,7 +298,7 @@ def heal(
                 steps=steps, lr=s.resolved_lr(m.name), batch_size=s.batch_size, grad_accum=s.grad_accum,
                 warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
                 eval_every=s.eval_every, save_every=s.save_every, seed=s.seed, pad_token_id=pad,
-                max_time=s.max_time)
+                max_time=s.max_time, autocast="bf16" if s.mixed_precision == "bf16" else None)
             ckpt = checkpoint_dir
             if ckpt is not None and len(chain) > 1:
                 ckpt = Path(ckpt) / f"{k}-{m.name}"  # each stage of a chain resumes on its own

@@ -37,6 +37,18 @@ from .data import IGNORE_INDEX, Example, collate
 
 log = logging.getLogger(__name__)
 
+AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16}
+
+
+def autocast_context(accelerator: Any, config: "TrainConfig") -> contextlib.AbstractContextManager:
+    """accelerate's own autocast (its configured mixed precision), inside ``config.autocast`` if set."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(accelerator.autocast())
+    if config.autocast is not None:
+        device_type = torch.device(accelerator.device).type
+        stack.enter_context(torch.autocast(device_type, dtype=AUTOCAST_DTYPES[config.autocast]))
+    return stack
+
 
 @dataclass
 class TrainConfig:
@@ -54,6 +66,11 @@ class TrainConfig:
     seed: int = 0
     pad_token_id: int = 0
     max_time: float | None = None  # seconds; stop early (after a step) when exceeded
+    #: "bf16": every forward of the objective (teacher included) under torch.autocast in bfloat16, the
+    #: weights, optimizer and loss staying float32. Done here rather than by accelerate's mixed precision
+    #: because objectives that call blocks directly (reconstruct) never go through the prepared model's
+    #: forward, and accelerate's precision is fixed once per process.
+    autocast: str | None = None
 
     def check(self) -> None:
         """Raise ShortenedError for settings that cannot train."""
@@ -68,6 +85,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ShortenedError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ShortenedError(f"autocast must be one of {', '.join(map(str, AUTOCAST_DTYPES))}, got {self.autocast!r}")
 
     @property
     def eval_interval(self) -> int:
@@ -253,7 +272,9 @@ def train(
             # All-reduce gradients only on the last micro-batch.
             sync = contextlib.nullcontext() if a == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
-                sums = objective.sums(model, batch)
+                with autocast_context(accelerator, config):
+                    sums = objective.sums(model, batch)
+                sums = sums.float()
                 # DDP averages gradients over processes; scaling by `world` makes that a global sum.
                 loss = (weights * sums / totals).sum() * world
                 accelerator.backward(loss)
@@ -310,7 +331,8 @@ def _evaluate(model: nn.Module, objective: Objective, examples: Sequence[Example
     for i in range(0, len(mine), config.batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collate(mine[i:i + config.batch_size], config.pad_token_id).items()}
         counts += objective.counts(batch).to(sums.device)
-        sums += objective.sums(model, batch).float()
+        with autocast_context(accelerator, config):
+            sums += objective.sums(model, batch).float()
     sums = accelerator.reduce(sums, reduction="sum")
     counts = accelerator.reduce(counts, reduction="sum").clamp(min=1)
     return dict(zip(objective.names, (sums / counts).tolist()))
