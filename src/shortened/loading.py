@@ -54,13 +54,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "shortened"
 
 
+def runs_on_cuda(device: str | None = None) -> bool:
+    """Whether work placed on ``device`` runs on CUDA (None: CUDA when available, as the loaders place it)."""
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.dtype:
     """``auto`` is bf16 on CUDA and fp32 elsewhere; otherwise the named dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        return torch.bfloat16 if on_cuda else torch.float32
+        return torch.bfloat16 if runs_on_cuda(device) else torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:

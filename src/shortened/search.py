@@ -228,13 +228,12 @@ def evolutionary_search(
     pool = sorted(set(eligible))
     if not starts:
         raise ShortenedError("the search needs at least one starting selection")
+    check_max_run(max_run)  # the starts given hold k blocks in bounded runs: the request is feasible
     for name, s in starts.items():
         if len(set(s)) != k or not set(s) <= set(pool):
             raise ShortenedError(f"starting selection {name} is not a set of {k} removable blocks: {sorted(s)}")
-    check_max_run(max_run)  # the starts given hold k blocks in bounded runs: the request is feasible
-    if max_run is not None and any(longest_run(s) > max_run for s in starts.values()):
-        name = next(n for n, s in starts.items() if longest_run(s) > max_run)
-        raise ShortenedError(f"starting selection {name} has a run of more than {max_run} adjacent blocks")
+        if max_run is not None and longest_run(s) > max_run:
+            raise ShortenedError(f"starting selection {name} has a run of more than {max_run} adjacent blocks")
     plan = check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])
     fit = SetFitness(engine, fitness)
     stage_batches = [(fit.micro_batches(n), keep) for n, keep in plan]

@@ -148,8 +148,9 @@ def fast_bf16(device: str | None = None) -> bool:
     a CUDA device with bf16, or a CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated, and slower)."""
     import torch
 
-    on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if on_cuda:
+    from ..loading import runs_on_cuda
+
+    if runs_on_cuda(device):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu has no public query
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
