@@ -78,14 +78,17 @@ def data_path(name: str, data_dir: Path, work: Path) -> str:
     raise ValueError(name)
 
 
-def evaluate(model, tokenizer, data_dir: Path, ppl_limit: int, zs_limit: int | None) -> dict:
+def evaluate(model, tokenizer, data_dir: Path, ppl_limit: int, zs_limit: int | None,
+             extra_ppl: tuple[str, ...] = ()) -> dict:
+    """WikiText-2 and PTB perplexity (and of each text file of ``extra_ppl``, under ``ppl <path>``),
+    zero-shot on ``zs_limit`` items per task."""
     from shortened.evaluation.perplexity import perplexity_on
 
     out = {}
-    for name in ("wikitext2", "ptb"):
+    for name in ("wikitext2", "ptb", *extra_ppl):
         r = perplexity_on(model, tokenizer, name, data_dir=data_dir, seq_len=128, batch_size=8, limit=ppl_limit,
                           progress=False)
-        out[name] = r["value"]
+        out[name if name in ("wikitext2", "ptb") else f"ppl {name}"] = r["value"]
     if zs_limit:
         from shortened.evaluation.zeroshot import PAPER_METRICS, run_tasks
 
@@ -102,6 +105,8 @@ def main() -> int:
                    help=f"comma-separated, from {', '.join(RUNS)}; a+b runs b on a's output, half the budget each")
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--ppl-limit", type=int, default=300, help="first N chunks of 128 tokens")
+    p.add_argument("--extra-ppl", action="append", default=[], metavar="TEXT_FILE",
+                   help="also the perplexity of this text file (first --ppl-limit chunks); repeatable")
     p.add_argument("--zs-limit", type=int, default=0, help="items per zero-shot task (0: skip zero-shot)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--probe-steps", type=int, default=1)
@@ -136,14 +141,16 @@ def main() -> int:
     dense, tok = load_model("smollm2-135m")
     if not (args.skip_baselines or args.skip_dense):
         t = time.perf_counter()
-        results["models"]["dense"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit)
+        results["models"]["dense"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit,
+                                              tuple(args.extra_ppl))
         print("dense", results["models"]["dense"], f"({time.perf_counter() - t:.0f} s eval)", flush=True)
     n = len(dense.model.layers)
     kept = remove_blocks(dense, removed)
     pruned_dir = work / "pruned"
     save_model(dense, tok, pruned_dir, pruning_record("smollm2-135m", n, kept, model_type="llama"))
     if not args.skip_baselines:
-        results["models"]["pruned"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit)
+        results["models"]["pruned"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit,
+                                              tuple(args.extra_ppl))
         print("pruned", results["models"]["pruned"], flush=True)
     del dense
 
@@ -216,7 +223,7 @@ def main() -> int:
             spent += cpu if args.cpu_budget else r.run.seconds
             source = out
         train_s = time.perf_counter() - t
-        ev = evaluate(r.model, r.tokenizer, args.data_dir, args.ppl_limit, args.zs_limit)
+        ev = evaluate(r.model, r.tokenizer, args.data_dir, args.ppl_limit, args.zs_limit, tuple(args.extra_ppl))
         results["models"][name] = {**ev, **entries[-1], "steps_done": sum(e["steps_done"] for e in entries),
                                    "train_seconds": round(sum(e["train_seconds"] for e in entries), 1),
                                    "cpu_seconds": round(sum(e["cpu_seconds"] for e in entries), 1),

@@ -1,0 +1,170 @@
+"""Does a set that heals well on the calibration text heal well on the evaluation text? (issue 15)
+
+A probe for a heal-aware search fitness. For each removal set on SmolLM2-135M:
+
+1. capture the dense model's block inputs on ``--n-train`` book samples (128 tokens, the search's
+   calibration text) with the search's engine;
+2. train each of the set's ``reconstruct`` bridges (width 2, the blocks around each removed run) alone,
+   ``--steps`` steps of 8 samples, lr 3e-3 (10 warm-up steps, then linear decay), bfloat16 autocast, the
+   reconstruct loss (per-token relative squared error to the dense state after the run, first position
+   included): what ``shortened heal --method reconstruct`` does, on the captured states instead of the
+   teacher's forward. A bridge several sets share is trained once;
+3. measure KL(dense || pruned) of the next-token distributions, before and after that healing, on 16
+   held-out samples of each of four texts: more books (not trained on), Tiny Shakespeare, the PTB *test*
+   split (the evaluation uses the validation split) and text the model generated itself.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_healed_kl.py --steps 100 --n-train 64 \\
+        --json benchmarks/results/healed-kl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+SETS = {  # the sets of benchmarks/results/search-reading.md
+    "bi": (12, 13, 14, 15, 17, 25),
+    "search (13-18)": (13, 14, 15, 16, 17, 18),
+    "search max-run 3": (12, 13, 14, 16, 17, 18),
+    "search max-run 2": (4, 13, 14, 16, 17, 25),
+}
+HELD_OUT = {"books": None, "shakespeare": "tinyshakespeare/input.txt", "ptb test": "ptb/ptb.test.txt",
+            "self-generated": "self"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data-dir", type=Path, default=DATA)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--n-train", type=int, default=64, help="book samples the bridges train on (a multiple of 8)")
+    p.add_argument("--n-held", type=int, default=16, help="held-out samples per text (a multiple of 8)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=B,B,...", help="more sets to probe")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "healed-kl.json")
+    args = p.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    if not (args.data_dir / "gutenberg").is_dir():
+        print(f"error: no book text under {args.data_dir} (see ../shared/data/README.md)", file=sys.stderr)
+        return 2
+
+    from shortened import load_model
+    from shortened.data import _self_generated, calibration_data
+    from shortened.engine import Engine, call_block
+    from shortened.heal.reconstruct import find_bridges
+    from shortened.io import library_versions, now_iso
+
+    sets = dict(SETS)
+    for item in args.set:
+        name, blocks = item.split("=", 1)
+        sets[name] = tuple(sorted(int(b) for b in blocks.split(",")))
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, dtype="float32", device="cpu")
+    model.requires_grad_(False)
+    books = calibration_data(str(args.data_dir / "gutenberg"), tok, n_samples=args.n_train + args.n_held,
+                             seq_len=128, seed=0).ids
+    train_engine = Engine(model, books[:args.n_train], batch_size=8, progress=False)
+    train = train_engine.captures
+    blocks, L = train_engine.blocks, train_engine.num_blocks
+
+    def final(cap):
+        return call_block(blocks[L - 1], cap.calls[L - 1], cap.inputs[L - 1], cap.batch)
+
+    held = {}  # text -> (captures, dense targets)
+    for name, rel in HELD_OUT.items():
+        if rel is None:
+            ids = books[args.n_train:]
+        elif rel == "self":
+            ids = _self_generated(model, tok, args.n_held, 128, 0)
+        else:
+            ids = calibration_data(str(args.data_dir / rel), tok, n_samples=args.n_held, seq_len=128, seed=0).ids
+        caps = Engine(model, ids, batch_size=8, progress=False).captures
+        with torch.no_grad():
+            held[name] = (caps, [train_engine.dense_targets(final(c)) for c in caps])
+
+    trained: dict[tuple, dict[int, torch.nn.Module]] = {}
+    bridge_log = []
+
+    def heal_bridge(kept: list[int], b) -> dict[int, torch.nn.Module]:
+        key = (b.start, b.end, tuple(kept[i] for i in b.blocks))
+        if key in trained:
+            return trained[key]
+        t0 = time.process_time()
+        copies = [copy.deepcopy(blocks[kept[i]]).requires_grad_(True) for i in b.blocks]
+        opt = torch.optim.AdamW([q for c in copies for q in c.parameters()], lr=3e-3, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / args.steps))
+        errors = []
+        for s in range(args.steps):
+            cap = train[s % len(train)]
+            x = cap.inputs[b.start]
+            with torch.no_grad():
+                y = cap.inputs[b.end] if b.end < L else final(cap)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = x
+                for c, i in zip(copies, b.blocks):
+                    out = call_block(c, cap.calls[kept[i]], out, cap.batch)
+            err = ((out.float() - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(1e-12)).mean()
+            errors.append(err.item())
+            opt.zero_grad()
+            err.backward()
+            opt.step()
+            sched.step()
+        for c in copies:
+            c.requires_grad_(False)
+        trained[key] = {kept[i]: c for c, i in zip(copies, b.blocks)}
+        bridge_log.append({"teacher_blocks": [b.start, b.end], "trained": list(key[2]), "error_first": errors[0],
+                           "error_last": errors[-1], "cpu_seconds": round(time.process_time() - t0, 1)})
+        print(f"  bridge {key}: error {errors[0]:.4f} -> {errors[-1]:.4f}", flush=True)
+        return trained[key]
+
+    def kl(removed: tuple[int, ...], healed: dict[int, torch.nn.Module], caps, targets) -> float:
+        kept = [i for i in range(L) if i not in removed]
+        total = count = 0.0
+        with torch.no_grad():
+            for cap, target in zip(caps, targets):
+                h = cap.inputs[0]
+                for j in kept:
+                    h = call_block(healed.get(j, blocks[j]), cap.calls[j], h, cap.batch)
+                total += train_engine.kl_sum(h, target).sum().item()
+                count += cap.ids.shape[0] * (cap.ids.shape[1] - 1)
+        return total / count
+
+    rows = {}
+    for name, removed in sets.items():
+        kept = [i for i in range(L) if i not in removed]
+        healed: dict[int, torch.nn.Module] = {}
+        for b in find_bridges(kept, L, 2):
+            healed.update(heal_bridge(kept, b))
+        rows[name] = {"removed": list(removed),
+                      "one_shot": {t: round(kl(removed, {}, *held[t]), 4) for t in held},
+                      "healed": {t: round(kl(removed, healed, *held[t]), 4) for t in held}}
+        print(f"{name}: {rows[name]}", flush=True)
+    out = {"command": command, "created": now_iso(), "versions": library_versions(), "steps": args.steps,
+           "n_train": args.n_train, "n_held": args.n_held, "threads": torch.get_num_threads(),
+           "sets": rows, "bridges": bridge_log}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, args.json)
+    texts = list(held)
+    print(f"\n| set | {' | '.join(f'{t} one-shot' for t in texts)} | {' | '.join(f'{t} healed' for t in texts)} |")
+    print("|---|" + "---:|" * (2 * len(texts)))
+    for name, r in rows.items():
+        cells = [f"{r['one_shot'][t]:.3f}" for t in texts] + [f"{r['healed'][t]:.3f}" for t in texts]
+        print(f"| {name} | {' | '.join(cells)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
