@@ -129,7 +129,7 @@ def main() -> int:
     for item in args.set:
         key, value = item.split("=", 1)
         run, field = key.split(".", 1)
-        runs[run][2][field] = type(runs[run][2].get(field, 1.0))(value) if field in runs[run][2] else float(value)
+        runs[run][2][field] = type(runs[run][2][field])(value) if field in runs[run][2] else json.loads(value)
 
     work = Path(tempfile.mkdtemp(prefix="bench_heal-"))
     removed = [int(b) for b in args.blocks.split(",")]

@@ -457,11 +457,70 @@ def test_smollm2_lora_on_alpaca(smollm2_folder, shared_data, tmp_path):
     ([1, 3, 5], 7, 1, [(0, 1, 0, 3), (1, 1, 3, 5), (2, 1, 5, 7)]),  # every other block
     ([1, 3, 5], 7, 2, [(0, 3, 0, 7)]),                             # bridges sharing blocks merge
     ([0, 3, 4, 5, 8, 9], 10, 2, [(0, 2, 0, 4), (3, 2, 5, 9)]),
+    # auto: two blocks for a run of up to four, one more after it per two removed blocks beyond
+    ([0, 1, 6, 7, 8, 9], 10, "auto", [(1, 2, 1, 7)]),              # 4 removed: the width 2
+    ([0, 1, 7, 8, 9], 10, "auto", [(1, 3, 1, 9)]),                 # 5 removed: 1, 7, 8
+    ([0, 1, 8, 9], 10, "auto", [(1, 3, 1, 10)]),                   # 6 removed: 1, 8, 9
+    ([0, 9], 10, "auto", [(0, 2, 0, 10)]),                         # 8 removed, 4 wanted, 2 kept: both
+    ([0, 1, 2, 3], 10, "auto", [(3, 1, 3, 10)]),                   # a run at the end: the last output
+    ([3, 4, 5, 6, 7, 8, 9], 10, "auto", [(0, 2, 0, 5)]),           # a run of 3 at the start
+    ([0, 2, 9], 10, "auto", [(0, 3, 0, 10)]),                      # 1 then 6 removed: the bridges merge
+    # Block Influence's choice on SmolLM2-135M trains the same blocks as with width 2
+    ([b for b in range(30) if b not in (12, 13, 14, 15, 17, 25)], 30, "auto", [(11, 3, 11, 19), (19, 2, 24, 27)]),
+    ([b for b in range(30) if b not in range(13, 19)], 30, "auto", [(12, 3, 12, 21)]),  # the searched span
 ])
 def test_find_bridges(kept, n, width, expected):
     from shortened.heal.reconstruct import find_bridges
 
     assert [(b.index, b.count, b.start, b.end) for b in find_bridges(kept, n, width)] == expected
+
+
+@pytest.mark.parametrize("removed,expected", [(1, 2), (2, 2), (3, 2), (4, 2), (5, 3), (6, 3), (7, 4), (12, 6)])
+def test_auto_bridge_width_is_one_block_per_two_removed(removed, expected):
+    from shortened.heal.reconstruct import run_width
+
+    assert run_width("auto", removed) == expected
+    assert run_width(3, removed) == 3  # a number is taken as it is
+
+
+@pytest.mark.parametrize("width", [0, -1, "wide", True, 2.5])
+def test_bridge_width_refuses_bad_values(width):
+    from shortened.heal.reconstruct import check_options
+
+    with pytest.raises(ShortenedError, match="--bridge-width must be at least 1, or auto"):
+        check_options(width)
+
+
+def test_cli_bridge_width_takes_a_number_or_auto():
+    from shortened.commands.heal import bridge_width
+
+    assert bridge_width("auto") == "auto" and bridge_width("3") == 3
+    with pytest.raises(ValueError):  # argparse turns it into "invalid bridge_width value" and exit 2
+        bridge_width("wide")
+
+
+def test_auto_width_trains_the_blocks_after_a_long_run():
+    """On a 10-block model with blocks 2-7 removed, ``auto`` trains blocks 1, 8 and 9 (width 3) and nothing
+    else, and the healing record names them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shortened.surgery import remove_blocks
+
+    def ten_blocks():  # each model its own config: removing blocks edits the student's
+        config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "num_hidden_layers": 10})
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+
+    torch.manual_seed(0)
+    teacher, student = ten_blocks(), ten_blocks()
+    student.load_state_dict(teacher.state_dict())
+    kept = remove_blocks(student, list(range(2, 8)))
+    before = _weights(student)
+    r = heal(student, pattern_data(), "reconstruct", teacher=teacher, kept=kept, steps=2, batch_size=4, grad_accum=1,
+             lr=1e-3, **FAST)
+    changed = {int(n.split(".")[2]) for n, w in _weights(r.model).items() if not torch.equal(before[n], w)}
+    assert changed == {1, 2, 3}  # the student's blocks 1-3 are the teacher's 1, 8, 9
+    assert r.record["healing"]["trained_bridges"] == [{"trained": [1, 8, 9], "replaces": [1, 9]}]
+    assert r.record["healing"]["settings"]["bridge_width"] == "auto"
 
 
 @pytest.mark.parametrize("kept,message", [([0, 1, 2], "nothing to reconstruct"), ([0, 3, 9], "do not describe"),
@@ -475,7 +534,8 @@ def test_find_bridges_refuses(kept, message):
 
 @pytest.mark.parametrize("removed,width,loss,first_token", [([2, 3], 1, "token", False), ([2, 3], 2, "token", False),
                                                       ([4, 5], 2, "token", False), ([2, 3], 2, "total", False),
-                                                      ([2, 3], 2, "token", True)])  # middle; end (the last output)
+                                                      ([2, 3], 2, "token", True),
+                                                      ([2, 3], "auto", "token", True)])  # middle; end (the last output)
 def test_reconstruct_objective_equals_reference(removed, width, loss, first_token):
     """The loss equals a hand computation: run the pruned model with the bridge's input replaced by the
     teacher's, compare its output with the teacher's hidden state after the gap (first position left out)."""
@@ -486,7 +546,7 @@ def test_reconstruct_objective_equals_reference(removed, width, loss, first_toke
     student = tiny_model("llama", seed=1)  # different weights: the error is not zero
     kept = remove_blocks(student, removed)
     bridge = kept.index(removed[0] - 1)
-    last = min(bridge + width - 1, len(kept) - 1)  # the bridge's last student block
+    last = min(bridge + (2 if width == "auto" else width) - 1, len(kept) - 1)  # the bridge's last student block
     after = kept[last + 1] if last + 1 < len(kept) else 6
     batch = collate(pattern_data().val[:3])
     batch["attention_mask"][1, -4:] = 0  # padding is left out too
@@ -747,6 +807,7 @@ def test_cli_reconstruct_from_pruned_folder(tmp_path, capsys):
     assert record["healing"]["method"] == "reconstruct" and record["healing"]["trainable"] == "bridges"
     assert record["healing"]["teacher"] == str(src) and record["healing"]["settings"]["lr"] == 3e-3
     assert record["healing"]["settings"]["bridge_width"] == 1
+    assert "trained blocks 2 for 2-4" in capsys.readouterr().out  # the teacher's block 2 stands for 2, 3 and 4
     before = load_file(tmp_path / "pruned" / "model.safetensors")
     after = load_file(tmp_path / "healed" / "model.safetensors")
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))

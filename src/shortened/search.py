@@ -14,9 +14,10 @@ least important. A (1 + lambda) evolutionary search over sets of k removable blo
 - fitness: the mean over calibration tokens of KL(dense || pruned) of the next-token distributions
   (``kl``), or the perplexity of the calibration text (``ppl``);
 - ``max_run`` (optional) bounds the length of every run of adjacent removed blocks: children beyond it
-  are not made, and the starts are the criteria's lowest-scored blocks taken under the same bound. Healing
-  wants it: ``reconstruct`` trains the kept blocks next to each run, so one long run leaves few blocks to
-  learn the work of many (benchmarks/results/search-reading.md).
+  are not made, and the starts are the criteria's lowest-scored blocks taken under the same bound. It was
+  made for healing, when ``reconstruct`` trained two blocks per run whatever its length; with its ``auto``
+  width (a long run gets more blocks) the unbounded span heals as well as the bounded sets did, or
+  better (benchmarks/results/search-reading.md).
 
 Everything is seeded (:class:`random.Random`), and candidates are computed by the cached engine
 (:meth:`shortened.engine.Engine.removal_set_outputs`), which shares every candidate's computation with

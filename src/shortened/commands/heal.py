@@ -34,6 +34,11 @@ Output: the merged model, pruning.json with a 'healing' section, adapter/ (LoRA)
 """
 
 
+def bridge_width(value: str) -> int | str:
+    """``--bridge-width``: a number of blocks, or ``auto`` (checked by the method, with a one-line message)."""
+    return value if value == "auto" else int(value)
+
+
 def _method_defaults(name: str) -> str:
     from ..heal import HealSettings, get_method
 
@@ -103,8 +108,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ds.add_argument("--lm-weight", type=float, default=d.lm_weight, help="weight of the LM loss added to the KL")
 
     rc = p.add_argument_group("block reconstruction (method reconstruct)")
-    rc.add_argument("--bridge-width", type=int, default=d.bridge_width,
-                    help="kept blocks trained per removed run: the one before it, and the next width-1 after it")
+    rc.add_argument("--bridge-width", type=bridge_width, default=d.bridge_width,
+                    help="kept blocks trained per removed run: the one before it, and the next width-1 after it; "
+                         "auto (default): 2, and one more per two removed blocks beyond four")
     rc.add_argument("--reconstruct-loss", choices=LOSSES, default=d.reconstruct_loss,
                     help="token: mean of per-token relative errors; total: summed error over summed target norm")
     rc.add_argument("--reconstruct-first-token", action=argparse.BooleanOptionalAction,
@@ -181,6 +187,10 @@ def _run(args: argparse.Namespace) -> int:
         bridges = [b for st in h.get("stages", [h]) for b in st.get("bridges", [])]
         fitted = "; bridges fitted, relative error " + ", ".join(
             f"{b['error_removed']:.3f}->{b['error_bridged']:.3f}" for b in bridges) if bridges else ""
+        trained = [b for st in h.get("stages", [h]) for b in st.get("trained_bridges", [])]
+        if trained:  # reconstruct: which blocks learned which removed run (--bridge-width)
+            fitted += "; trained blocks " + ", ".join(
+                f"{'/'.join(map(str, b['trained']))} for {b['replaces'][0]}-{b['replaces'][1]}" for b in trained)
         print(f"healed with {h['method']} for {h['steps_done']} steps ({h['seconds']:.0f} s){fitted}; validation loss "
               f"{before} -> {best} (best step {h['best_step']}) -> {args.out}")
     return 0

@@ -76,8 +76,8 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
 
 
     g.add_argument("--search-max-run", type=int, default=None, metavar="K",
-                   help="search only sets whose runs of adjacent removed blocks are at most K long (healing "
-                        "with reconstruct trains the blocks beside each run: short runs heal better)")
+                   help="search only sets whose runs of adjacent removed blocks are at most K long (e.g. to "
+                        "spread the removals; reconstruct's auto bridge width already gives long runs more blocks)")
 
 
 def search_options(args: argparse.Namespace) -> dict[str, Any]:

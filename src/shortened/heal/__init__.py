@@ -77,7 +77,8 @@ class HealSettings:
     linear_objective: str = "ls"  # linear: least squares, or cosine (Adam steps from the least squares)
     linear_cosine_steps: int = DEFAULT_COSINE_STEPS  # linear, cosine: Adam steps per bridge
     linear_cosine_lr: float = DEFAULT_COSINE_LR  # linear, cosine: Adam's learning rate
-    bridge_width: int = 2  # reconstruct: kept blocks trained around each removed run
+    #: reconstruct: kept blocks trained around each removed run, or auto (by the run's length: reconstruct.run_width)
+    bridge_width: int | str = "auto"
     reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
     reconstruct_first_token: bool = True  # reconstruct: the first position (the attention sink) in the loss too
     bridge_inputs: str = "teacher"  # reconstruct: what a later bridge learns on, the teacher's or the student's states

@@ -1,9 +1,10 @@
 """Block-local reconstruction: the kept blocks next to each removed run learn to do the run's work.
 
 After depth pruning, the residual stream entering the block after a gap misses the contribution of the
-removed blocks. Here the kept blocks around the gap (the *bridge*: the block before it and, with the
-default width 2, the block after it) are trained, all their weights, so that on the unpruned model's own
-input they output the unpruned model's hidden state after them:
+removed blocks. Here the kept blocks around the gap (the *bridge*: the block before it and the block
+after it; by default, ``auto``, one more after it for every two removed blocks beyond four, see
+:data:`AUTO_WIDTH`) are trained, all their weights, so that on the unpruned model's own input they output
+the unpruned model's hidden state after them:
 
     loss = mean over bridges and tokens of ||bridge(h_start) - h_end||^2 / ||h_end||^2
 
@@ -12,7 +13,8 @@ last block needed. Only the bridges run forward and backward, a few blocks inste
 and its 49k-word head, so many more tokens fit in a time budget than with distillation; every other
 weight is left as it was. Width 2 beat width 1 at equal time on SmolLM2-135M (WikiText-2 116 vs 123 on
 40 chunks, 4 minutes on one core, lr 3e-3, which beat 1e-3 and 1e-2); the benchmark is in
-benchmarks/results/healing.md.
+benchmarks/results/healing.md. A long run needs more: one bridge of two blocks for six removed ones
+healed 8% worse than a bridge of three (``auto``).
 
 The first position of every sequence, where decoder LMs park a huge activation (the attention sink)
 that every later token attends to, is in the loss too, like any token (per-token relative error, so its
@@ -31,6 +33,7 @@ times, and every pass after the first skips the teacher.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,13 +60,33 @@ class Bridge:
     def blocks(self) -> range:
         return range(self.index, self.index + self.count)
 
+    def to_dict(self, kept: Sequence[int]) -> dict[str, Any]:
+        """For the healing record: the teacher's indices of the trained blocks and of the blocks they stand for."""
+        return {"trained": [kept[i] for i in self.blocks], "replaces": [self.start, self.end - 1]}
 
-def find_bridges(kept: Sequence[int], num_teacher_blocks: int, width: int = 1) -> list[Bridge]:
+
+#: ``--bridge-width auto``: a removed run of ``n`` blocks gets the block before it and ``ceil(n / 2) - 1``
+#: after it, at least one: one trained block per two removed, at least two. Runs of up to four blocks get
+#: the fixed width 2 (so Block Influence's scattered choice trains the same blocks as before), a run of six
+#: gets three. On SmolLM2-135M with blocks 13-18 removed (600 CPU-s, WikiText-2 first 100 chunks) the
+#: trained blocks 12, 19, 20 reached 84.7 and 85.0 where 12, 19 reached 91.9; a fourth block after (21)
+#: gave 85.5, blocks before the run instead of after it 93.0 (11, 12, 19) and 87.9 (11, 12, 19, 20), and
+#: the blocks after alone 86.4 (19, 20) and 87.4 (19, 20, 21) (BENCHMARKS.md, block-set search, session 11).
+AUTO_WIDTH = "auto"
+
+
+def run_width(width: int | str, removed: int) -> int:
+    """Kept blocks trained for a run of ``removed`` blocks: ``width``, or by the ``auto`` rule above."""
+    return max(2, math.ceil(removed / 2)) if width == AUTO_WIDTH else int(width)
+
+
+def find_bridges(kept: Sequence[int], num_teacher_blocks: int, width: int | str = 1) -> list[Bridge]:
     """The bridges of a pruned model whose block ``i`` is the teacher's block ``kept[i]``.
 
-    Each removed run goes to the ``width`` kept blocks around it: the one before it and the next
-    ``width - 1`` after it (a run at the very start: the first ``width`` kept blocks, the first of which
-    then also covers the blocks before it). Bridges that would share blocks are merged into one.
+    Each removed run goes to the ``width`` kept blocks around it (``auto``: by the run's length, see
+    :func:`run_width`): the one before it and the next ``width - 1`` after it (a run at the very start: the
+    first ``width`` kept blocks, the first of which then also covers the blocks before it). Bridges that
+    would share blocks are merged into one.
     """
     kept = list(kept)
     if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= num_teacher_blocks:
@@ -78,8 +101,9 @@ def find_bridges(kept: Sequence[int], num_teacher_blocks: int, width: int = 1) -
 
     spans: list[list[int]] = []
     for i in range(len(kept)):
-        if end(i) - start(i) > 1:
-            first, last = i, min(i + width - 1, len(kept) - 1)
+        removed = end(i) - start(i) - 1  # the removed blocks between this kept block and the next
+        if removed > 0:
+            first, last = i, min(i + run_width(width, removed) - 1, len(kept) - 1)
             if spans and first <= spans[-1][1]:
                 spans[-1][1] = max(spans[-1][1], last)
             else:
@@ -221,10 +245,10 @@ LOSSES = ("token", "total")
 BRIDGE_INPUTS = ("teacher", "student")
 
 
-def check_options(width: int, loss: str = "token", inputs: str = "teacher") -> None:
-    """Refuse a bridge width below 1, an unknown loss or input (CLI names in the messages)."""
-    if width < 1:
-        raise ShortenedError(f"--bridge-width must be at least 1, got {width}")
+def check_options(width: int | str, loss: str = "token", inputs: str = "teacher") -> None:
+    """Refuse a bridge width below 1 (other than ``auto``), an unknown loss or input (CLI names in the messages)."""
+    if width != AUTO_WIDTH and not (isinstance(width, int) and not isinstance(width, bool) and width >= 1):
+        raise ShortenedError(f"--bridge-width must be at least 1, or {AUTO_WIDTH}, got {width}")
     if loss not in LOSSES:
         raise ShortenedError(f"--reconstruct-loss must be one of {', '.join(LOSSES)}, got '{loss}'")
     if inputs not in BRIDGE_INPUTS:
@@ -240,7 +264,7 @@ class ReconstructObjective:
     names = ("recon",)
     weights = (1.0,)
 
-    def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int = 2, loss: str = "token",
+    def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int | str = AUTO_WIDTH, loss: str = "token",
                  cache_bytes: int = 0, inputs: str = "teacher", first_token: bool = True):
         check_options(width, loss, inputs)
         self.loss = loss
@@ -325,7 +349,9 @@ def _prepare(ctx: HealContext) -> Prepared:
     objective = ReconstructObjective(ctx.teacher, ctx.kept, s.bridge_width, s.reconstruct_loss,
                                      cache_bytes=int(cache_gb * 2**30), inputs=s.bridge_inputs,
                                      first_token=s.reconstruct_first_token)
-    extra = {"teacher_cache": objective.cache.stats} if objective.cache is not None else {}  # read after training
+    extra: dict[str, Any] = {"trained_bridges": [b.to_dict(objective.kept) for b in objective.bridges]}
+    if objective.cache is not None:
+        extra["teacher_cache"] = objective.cache.stats  # read after training
     return Prepared(make_bridges_trainable(ctx.model, objective.bridges), objective, "bridges", extra=extra)
 
 
