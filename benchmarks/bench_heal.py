@@ -70,6 +70,14 @@ RUNS: dict[str, tuple[str, str, dict]] = {
 }
 
 
+def setting_value(text: str):
+    """A ``--set`` value: JSON (3, 6e-3, true, "auto"), else the text itself (student, auto)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def data_path(name: str, data_dir: Path, work: Path) -> str:
     if name == "alpaca":
         return str(data_dir / "alpaca" / "alpaca_data_2k_subset.json")
@@ -129,7 +137,7 @@ def main() -> int:
     for item in args.set:
         key, value = item.split("=", 1)
         run, field = key.split(".", 1)
-        runs[run][2][field] = type(runs[run][2][field])(value) if field in runs[run][2] else json.loads(value)
+        runs[run][2][field] = setting_value(value)
 
     work = Path(tempfile.mkdtemp(prefix="bench_heal-"))
     removed = [int(b) for b in args.blocks.split(",")]

@@ -70,7 +70,7 @@ class Bridge:
 #: the fixed width 2 (so Block Influence's scattered choice trains the same blocks as before), a run of six
 #: gets three. On SmolLM2-135M with blocks 13-18 removed (600 CPU-s, WikiText-2 first 100 chunks) the
 #: trained blocks 12, 19, 20 reached 84.7 and 85.0 where 12, 19 reached 91.9; a fourth block after (21)
-#: gave 85.5, blocks before the run instead of after it 93.0 (11, 12, 19) and 87.9 (11, 12, 19, 20), and
+#: gave 85.5, a second block before the run 93.0 (11, 12, 19) and 87.9 (11, 12, 19, 20), and
 #: the blocks after alone 86.4 (19, 20) and 87.4 (19, 20, 21) (BENCHMARKS.md, block-set search, session 11).
 AUTO_WIDTH = "auto"
 
