@@ -96,6 +96,11 @@ def main() -> int:
     p.add_argument("--neighbours", default=None, metavar="BLOCKS",
                    help="only measure the fitness of BLOCKS (e.g. 13-18 as 13,14,15,16,17,18) and of every set one "
                         "swap away, on the first --n-samples calibration size, and print them")
+    p.add_argument("--fitness-of", default=None, metavar="NAME=BLOCKS;...",
+                   help="only print each named set's fitness under every --fitnesses, on all samples of the first "
+                        "--n-samples calibration size (e.g. 'bi=12,13,14,15,17,25;span=13,14,15,16,17,18')")
+    p.add_argument("--fitnesses", default="kl,linear-kl",
+                   help="the fitnesses of --fitness-of; the first is the fitness of --neighbours")
     p.add_argument("--report", action="store_true", help="only write the Markdown section from --json")
     args = p.parse_args()
     if args.report:
@@ -104,6 +109,8 @@ def main() -> int:
         return 0
     if args.neighbours:
         return neighbours(args, [int(b) for b in args.neighbours.split(",")])
+    if args.fitness_of:
+        return fitness_of(args)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
     print(f"$ {command}", flush=True)
 
@@ -207,17 +214,43 @@ def neighbours(args, base: list[int]) -> int:
     model, tok = load_model(args.model, dtype="float32", device="cpu")
     n = int(args.n_samples.split(",")[0])
     ids = calibration_data(args.calib, tok, n_samples=n, seq_len=args.seq_len, seed=args.seed).ids
-    fit = SetFitness(Engine(model, ids, batch_size=1, progress=False), "kl")
+    fitness = args.fitnesses.split(",")[0]
+    fit = SetFitness(Engine(model, ids, batch_size=1, progress=False), fitness)
     sets = [tuple(base)] + [tuple(sorted(set(base) - {out} | {back}))
                             for out in base for back in range(len(fit.engine.blocks)) if back not in base]
     full = fit.measure(sets, len(fit.caps))
     better = [(v, s) for v, s in zip(full, sets) if v < full[0]]
-    print(f"{base}: {full[0]:.4f}; {len(sets) - 1} neighbours, {len(better)} better; best five:")
+    print(f"{fitness} of {base}: {full[0]:.4f}; {len(sets) - 1} neighbours, {len(better)} better; best five:")
     for v, s in sorted(zip(full[1:], sets[1:]))[:5]:
         print(f"  {v:.4f} {list(s)}")
     for samples in (1, 3):
         rho = spearmanr(fit.measure(sets, fit.micro_batches(samples)), full).statistic
         print(f"Spearman rank correlation of the fitness on {samples} sample(s) with all {n}: {rho:.3f}")
+    return 0
+
+
+def fitness_of(args) -> int:
+    """Each named set's fitness under each of ``--fitnesses`` (all samples), and the time of each fitness's
+    setup and measurements (one engine per fitness)."""
+    from shortened import load_model
+    from shortened.data import calibration_data
+    from shortened.engine import Engine
+    from shortened.search import SetFitness
+
+    sets = {name: tuple(int(b) for b in blocks.split(","))
+            for name, blocks in (item.split("=") for item in args.fitness_of.split(";") if item)}
+    model, tok = load_model(args.model, dtype="float32", device="cpu")
+    n = int(args.n_samples.split(",")[0])
+    ids = calibration_data(args.calib, tok, n_samples=n, seq_len=args.seq_len, seed=args.seed).ids
+    print(f"{n} x {args.seq_len} calibration tokens, {torch.get_num_threads()} thread(s)")
+    print("| fitness | " + " | ".join(sets) + " | seconds |")
+    print("|---|" + "---:|" * (len(sets) + 1))
+    for fitness in args.fitnesses.split(","):
+        t = time.perf_counter()
+        fit = SetFitness(Engine(model, ids, batch_size=1, progress=False), fitness)
+        values = fit.measure(list(sets.values()), len(fit.caps))
+        print(f"| {fitness} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {time.perf_counter() - t:.1f} |",
+              flush=True)
     return 0
 
 

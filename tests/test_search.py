@@ -47,6 +47,90 @@ def test_fitness_equals_a_pruned_copy(arch):
             assert value == pytest.approx(expected, rel=1e-4, abs=1e-7), (arch, fitness, s)
 
 
+def reference_linear_kl(model: torch.nn.Module, ids: torch.Tensor, removed: list[int], batch: int = 1) -> float:
+    """The ``linear-kl`` fitness by hand, micro-batches of ``batch`` samples: in a float64 copy, each removed
+    run ``a..b`` gets the weighted ridge least-squares map from block ``a - 1``'s MLP output to the dense
+    state after ``b``, fitted on the samples of the other folds (micro-batch ``m`` is in fold ``m % 5``),
+    folded into the output projection of a pruned copy; KL(dense || bridged) averaged over tokens."""
+    from shortened.archs import get_arch, get_blocks, get_submodule
+
+    dense = copy.deepcopy(model).double()
+    blocks = get_blocks(dense)
+    path = get_arch(dense).mlp_out
+    outs, mlps = {}, {}
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+             for i, b in enumerate(blocks)]
+    hooks += [get_submodule(b, path).register_forward_hook(lambda m, a, o, i=i: mlps.__setitem__(i, o))
+              for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        logp = dense(ids, use_cache=False).logits[:, :-1].log_softmax(-1)
+    for h in hooks:
+        h.remove()
+    runs = []
+    for i in sorted(removed):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    n = ids.shape[0]
+    folds = min(5, -(-n // batch))
+    fold = [(s // batch) % folds for s in range(n)]
+    kept = [i for i in range(len(blocks)) if i not in removed]
+    total = 0.0
+    for f in range(folds):
+        fit = [s for s in range(n) if fold[s] != f] or list(range(n))
+        pruned = copy.deepcopy(dense)
+        remove_blocks(pruned, removed)
+        for a, b in runs:
+            if a == 0:
+                continue
+            mlp = mlps[a - 1].reshape(outs[a - 1].shape)  # OPT runs its MLP on flattened tokens
+            x = mlp[fit].reshape(-1, mlp.shape[-1])
+            target = outs[b][fit].reshape(x.shape)
+            z = target - (outs[a - 1][fit].reshape(x.shape) - x)
+            w = 1 / target.pow(2).sum(-1)
+            xtx = (x * w[:, None]).T @ x
+            lam = 0.1 * xtx.diagonal().mean()
+            eye = torch.eye(x.shape[1], dtype=x.dtype)
+            t = torch.linalg.solve(xtx + lam * eye, (x * w[:, None]).T @ z + lam * eye)
+            layer = get_submodule(get_blocks(pruned)[kept.index(a - 1)], path)
+            with torch.no_grad():  # y @ t: nn.Linear keeps W as [out, in], GPT-2's Conv1D as [in, out]
+                layer.weight.copy_(t.T @ layer.weight if isinstance(layer, torch.nn.Linear) else layer.weight @ t)
+                if layer.bias is not None:
+                    layer.bias.copy_(layer.bias @ t)
+        rows = [s for s in range(n) if fold[s] == f]
+        with torch.no_grad():
+            logq = pruned(ids[rows], use_cache=False).logits[:, :-1].log_softmax(-1)
+        total += float((logp[rows].exp() * (logp[rows] - logq)).sum())
+    return total / (n * (ids.shape[1] - 1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])  # no bias; a bias; GPT-2's Conv1D
+def test_linear_kl_equals_bridged_pruned_copies(arch):
+    sets = [(2,), (2, 3), (1, 4, 5), (0, 2, 4), (3, 4, 5)]
+    model = tiny_model(arch, seed=2)
+    ids = tiny_inputs(batch=4, length=20, seed=2)
+    fit = SetFitness(Engine(model, ids, batch_size=1, progress=False), "linear-kl")
+    assert fit.variants.folds == 4  # one sample per micro-batch: leave one out
+    got = fit.measure(sets, 4)
+    plain = SetFitness(Engine(model, ids, batch_size=1, progress=False), "kl").measure(sets, 4)
+    for s, value, before in zip(sets, got, plain):
+        assert value == pytest.approx(reference_linear_kl(model, ids, list(s)), rel=1e-4, abs=1e-7), s
+        assert value != pytest.approx(before, rel=1e-3), s  # the bridges change the model
+    # micro-batches of two samples: two folds
+    assert SetFitness(Engine(model, ids, batch_size=2, progress=False), "linear-kl").measure(sets[:2], 2) == \
+        pytest.approx([reference_linear_kl(model, ids, list(s), batch=2) for s in sets[:2]], rel=1e-4, abs=1e-7)
+    # a single micro-batch has nothing to hold out: fitted and measured on the same samples
+    assert SetFitness(Engine(model, ids, batch_size=4, progress=False), "linear-kl").measure(sets[:1], 1) == \
+        pytest.approx([reference_linear_kl(model, ids, list(sets[0]), batch=4)], rel=1e-4, abs=1e-7)
+
+
+def test_linear_kl_refuses_blocks_without_an_output_projection():
+    model = tiny_model("gemma2")  # its MLP output is normalised before it joins the residual
+    with pytest.raises(ShortenedError, match="--fitness linear-kl does not support model_type 'gemma2'"):
+        SetFitness(Engine(model, tiny_inputs(batch=2), batch_size=1, progress=False), "linear-kl")
+
+
 def deeper_llama(layers: int, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,13 +159,14 @@ def test_search_is_never_worse_than_its_start_and_records_its_history():
     assert got.settings["generations"] == 12 and got.settings["batch_size"] == 1  # one sample per micro-batch
 
 
-@pytest.mark.parametrize("fitness,protect", [("kl", (0, 0)), ("ppl", (1, 1))])
+@pytest.mark.parametrize("fitness,protect", [("kl", (0, 0)), ("ppl", (1, 1)), ("linear-kl", (1, 0))])
 def test_search_finds_the_exhaustive_optimum(fitness, protect):
     model = deeper_llama(7, seed=1)
     ids = tiny_inputs(batch=3, length=20, seed=1)
     first, last = protect
     pool = range(first, 7 - last)
-    brute = {s: reference_fitness(model, ids, list(s), fitness) for s in itertools.combinations(pool, 3)}
+    reference = reference_linear_kl if fitness == "linear-kl" else lambda *a: reference_fitness(*a, fitness)
+    brute = {s: reference(model, ids, list(s)) for s in itertools.combinations(pool, 3)}
     best = min(brute, key=brute.get)
     got = search(model, ids, fitness=fitness, protect_first=first, protect_last=last, generations=25,
                  start="magnitude")
@@ -144,12 +229,14 @@ def test_same_seed_same_search():
     assert [h["candidate"] for h in c["history"]] != [h["candidate"] for h in a["history"]]  # the seed is used
 
 
-@pytest.mark.parametrize("offload,workers", [(True, 1), (False, 1), (True, 2)])
-def test_offloaded_and_serial_searches_equal_the_default(offload, workers):
+@pytest.mark.parametrize("offload,workers,fitness", [(True, 1, "kl"), (False, 1, "kl"), (True, 2, "kl"),
+                                                     (True, 2, "linear-kl")])
+def test_offloaded_and_serial_searches_equal_the_default(offload, workers, fitness):
     model = deeper_llama(8)
     ids = tiny_inputs(batch=4, length=16)
-    base = search(model, ids, start="bi").extra["search"]
-    got = search(model, ids, start="bi", offload=offload, device="cpu", workers=workers).extra["search"]
+    base = search(model, ids, start="bi", fitness=fitness).extra["search"]
+    got = search(model, ids, start="bi", fitness=fitness, offload=offload, device="cpu",
+                 workers=workers).extra["search"]
     assert got["removed"] == base["removed"]
     assert [h["candidate"] for h in got["history"]] == pytest.approx([h["candidate"] for h in base["history"]],
                                                                       rel=1e-5)
@@ -226,6 +313,17 @@ def test_score_and_prune_with_the_search(folder, text, tmp_path):
     again = direct["scores"]["extra"]["search"]
     assert direct["removed"] == s["removed"] and direct["method"] == "search"  # same seed: the same search
     assert [h["fitness"] for h in again["history"]] == [h["fitness"] for h in s["history"]]
+
+
+def test_score_with_the_linear_kl_fitness(folder, text, tmp_path):
+    import json
+
+    out = tmp_path / "search.json"
+    assert run_cli(["score", str(folder), "--criterion", "search", "--fitness", "linear-kl", "--num-blocks", "2",
+                    "--calib", str(text), "--out", str(out), *FAST]) == 0
+    s = json.loads(out.read_text())["extra"]["search"]
+    assert s["fitness_kind"] == "linear-kl" and s["settings"]["fitness"] == "linear-kl"
+    assert s["fitness"] <= min(v["fitness"] for v in s["starts"].values())
 
 
 @pytest.mark.parametrize("argv,message", [

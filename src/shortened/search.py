@@ -12,7 +12,9 @@ least important. A (1 + lambda) evolutionary search over sets of k removable blo
   ``keep`` best; the last stage measures on every sample, and its best replaces the parent only if its
   fitness is lower (so the result is never worse than the start);
 - fitness: the mean over calibration tokens of KL(dense || pruned) of the next-token distributions
-  (``kl``), or the perplexity of the calibration text (``ppl``);
+  (``kl``); the same KL with each removed run bridged by a closed-form linear map, what the training-free
+  ``linear`` healing would give (``linear-kl``, :mod:`shortened.search_bridges`: it ranks sets by what a
+  cheap repair leaves, not by the raw damage); or the perplexity of the calibration text (``ppl``);
 - ``max_run`` (optional) bounds the length of every run of adjacent removed blocks: children beyond it
   are not made, and the starts are the criteria's lowest-scored blocks taken under the same bound. It was
   made for healing, when ``reconstruct`` trained two blocks per run whatever its length; with its ``auto``
@@ -36,8 +38,11 @@ import torch
 
 from .engine import Engine, ppl_from_mean_nll
 from .errors import ShortenedError
+from .search_bridges import LinearBridges
 
-FITNESSES = ("kl", "ppl")
+#: kl: KL(dense || pruned) of plain removal; linear-kl: the same after a training-free linear bridge per
+#: removed run (:mod:`shortened.search_bridges`); ppl: the calibration perplexity of plain removal.
+FITNESSES = ("kl", "linear-kl", "ppl")
 #: Default budget stages "SAMPLES:KEEP,...": 16 children screened on 1 sample, the best 4 on 3, the best
 #: one on all.
 DEFAULT_STAGES = "1:4,3:1,all:1"
@@ -132,14 +137,20 @@ class SetFitness:
         self.tokens = [c.ids.shape[0] * (c.ids.shape[1] - 1) for c in self.caps]
         self.samples = [c.batch for c in self.caps]
         self.sums: dict[Removal, list[float]] = {}
-        self.targets = self._dense_targets() if fitness == "kl" else None
+        self.targets: list[Any] | None = None
+        self.variants: LinearBridges | None = None
+        if fitness != "ppl":
+            finals = self._dense_finals()
+            with torch.inference_mode(), engine.parallel():
+                self.targets = engine.map(lambda m: engine.dense_targets(finals[m]), range(len(self.caps)))
+            if fitness == "linear-kl":
+                self.variants = LinearBridges(engine, finals)
 
-    def _dense_targets(self) -> list[Any]:
-        """The dense model's next-token distributions of every micro-batch (computed once)."""
+    def _dense_finals(self) -> list[torch.Tensor]:
+        """The dense model's last hidden states of every micro-batch (computed once)."""
         eng, last = self.engine, self.engine.num_blocks - 1
         with torch.inference_mode(), eng.parallel(), eng.on_device(last) as block:
-            finals = eng.run_block(block, last, [(cap, [cap.inputs[last]]) for cap in self.caps])
-            return eng.map(lambda m: eng.dense_targets(finals[m][0]), range(len(self.caps)))
+            return [outs[0] for outs in eng.run_block(block, last, [(cap, [cap.inputs[last]]) for cap in self.caps])]
 
     def micro_batches(self, samples: int) -> int:
         """How many micro-batches hold the first ``samples`` samples (rounded up to whole ones)."""
@@ -163,11 +174,11 @@ class SetFitness:
 
     def value(self, s: Removal, n_batches: int) -> float:
         mean = sum(self.sums[s][:n_batches]) / sum(self.tokens[:n_batches])
-        return mean if self.fitness == "kl" else ppl_from_mean_nll(mean)
+        return ppl_from_mean_nll(mean) if self.fitness == "ppl" else mean
 
     def _compute(self, sets: list[Removal], batches: range) -> None:
         eng = self.engine
-        outs = eng.removal_set_outputs(sets, list(batches))
+        outs = eng.removal_set_outputs(sets, list(batches), self.variants)
         jobs = [(c, group) for c, m in enumerate(batches) for group in eng.call_groups(self.caps[m], list(range(len(sets))))]
 
         def loss(job: tuple[int, list[int]]) -> list[float]:
@@ -275,6 +286,9 @@ def evolutionary_search(
     settings = {"fitness": fitness, "generations": generations, "offspring": offspring,
                 "stages": [[n, keep] for n, keep in plan], "seed": seed, "k": k, "eligible": pool, "max_run": max_run,
                 "sets_measured": len(fit.sums)}
+    if fit.variants is not None:
+        settings["linear_bridges"] = {"ridge": fit.variants.ridge, "folds": fit.variants.folds,
+                                      "maps_fitted": len(fit.variants.maps)}
     return SearchResult(list(parent), best, start, start_info, history, settings, time.perf_counter() - t0)
 
 

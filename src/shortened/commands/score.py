@@ -61,9 +61,12 @@ SEARCH_FLAGS = {"--fitness": "fitness", "--generations": "generations", "--offsp
 def add_search_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``--criterion search`` (shared by score, prune and run)."""
     g = parser.add_argument_group("search (with --criterion search: an evolutionary search for the set)")
-    g.add_argument("--fitness", choices=("kl", "ppl"), default=None,
+    g.add_argument("--fitness", choices=("kl", "linear-kl", "ppl"),  # shortened.search.FITNESSES, without importing torch
+                   default=None,
                    help="what the search minimises: mean KL(dense || pruned) of the next-token distributions "
-                        "on the calibration tokens (kl, the default) or their perplexity (ppl)")
+                        "on the calibration tokens (kl, the default); the same KL with each removed run bridged by "
+                        "a closed-form linear map, as the training-free 'linear' healing would (linear-kl: ranks "
+                        "sets by what a cheap repair leaves); or the calibration perplexity (ppl)")
     g.add_argument("--generations", type=int, default=None, help="generations of the search (default 30)")
     g.add_argument("--offspring", type=int, default=None, help="children per generation (default 16)")
     g.add_argument("--search-stages", default=None, metavar="N:KEEP,...",
@@ -73,8 +76,6 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                    help="criteria whose selections are the candidates for the start (the best by the fitness "
                         "is taken; default bi,angular,magnitude: the ones that cost no more than a dense pass; add ppl,taylor "
                         "for theirs, at about one ppl criterion's time each or more)")
-
-
     g.add_argument("--search-max-run", type=int, default=None, metavar="K",
                    help="search only sets whose runs of adjacent removed blocks are at most K long (e.g. to "
                         "spread the removals; reconstruct's auto bridge width already gives long runs more blocks)")

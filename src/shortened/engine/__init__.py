@@ -18,8 +18,8 @@ on which threads); here the :class:`Engine` that puts them together.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from .workers import DEFAULT_BATCH_TOKENS, WorkerPool, call_groups, default_work
 
 __all__ = [
     "DEFAULT_BATCH_TOKENS", "DEFAULT_LOSS_CHUNK", "DEFAULT_VOCAB_CHUNK", "BlockCall", "Capture",
-    "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "call_block", "call_groups", "capture_blocks",
+    "BlockVariants", "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "call_block", "call_groups", "capture_blocks",
     "check_calib_ids", "default_workers", "ppl_from_mean_nll", "split_block_call", "token_nll", "without_cache",
 ]
 
@@ -147,17 +147,19 @@ class Engine:
         """Apply one block to several streams of the same micro-batch, batched up to ``batch_tokens``."""
         return self.run_block(block, index, [(cap, streams)])[0]
 
-    def run_block(self, block: nn.Module, index: int,
+    def run_block(self, block: nn.Module | Sequence[nn.Module], index: int,
                   work: Sequence[tuple[Capture, list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
         """Apply one block to the streams of several micro-batches (``work``: pairs of a capture and its
         streams), all calls in one :meth:`map` so the workers share them out with no barrier in between;
-        streams of one micro-batch are batched together up to ``batch_tokens``."""
+        streams of one micro-batch are batched together up to ``batch_tokens``. ``block`` is one module, or
+        one per item of ``work``."""
         jobs = [(k, group) for k, (cap, streams) in enumerate(work) for group in self.call_groups(cap, streams)]
 
         def run(job: tuple[int, list[torch.Tensor]]) -> list[torch.Tensor]:
             cap, group = work[job[0]][0], job[1]
             x = group[0] if len(group) == 1 else torch.cat(group, 0)
-            y = call_block(block, cap.calls[index], x, cap.batch)
+            module = block if isinstance(block, nn.Module) else block[job[0]]
+            y = call_block(module, cap.calls[index], x, cap.batch)
             return list(y.split(cap.batch, 0)) if len(group) > 1 else [y]
 
         outs: list[list[torch.Tensor]] = [[] for _ in work]
@@ -248,7 +250,8 @@ class Engine:
                         del streams[m][i]
         return {i: totals[i] / count for i in sorted(totals)}
 
-    def removal_set_outputs(self, sets: Sequence[Sequence[int]], captures: Sequence[int]) -> list[list[torch.Tensor]]:
+    def removal_set_outputs(self, sets: Sequence[Sequence[int]], captures: Sequence[int],
+                            variants: BlockVariants | None = None) -> list[list[torch.Tensor]]:
         """Final hidden states (before the head) of the model with each set of blocks removed, for the
         micro-batches ``captures`` (indices into :attr:`captures`): ``out[c][s]`` for set ``s``.
 
@@ -257,29 +260,44 @@ class Engine:
         prefix is the captured inputs themselves, and a stream splits only where one candidate keeps
         ``j`` and another removes it; so a set is computed from its first removed block on, and
         offspring of one parent share the parent's stream up to their first change.
+
+        ``variants`` (optional) replaces kept blocks per set: where ``variants.key(j, set)`` is not None,
+        block ``j`` of that set runs as ``variants.make(block, j, key, captures)`` (one module per micro-batch,
+        e.g. with a linear bridge folded in, :mod:`shortened.search_bridges`), and its stream splits from the
+        plain one there.
         """
         if self.skip:
             raise ShortenedError("removal sets are computed on an engine with no skipped blocks")
         removed = [frozenset(s) for s in sets]
         caps = [self.captures[m] for m in captures]
-        prefix: list[tuple[int, ...]] = [() for _ in sets]  # removed blocks before the current one
-        streams: list[dict[tuple[int, ...], torch.Tensor]] = [{} for _ in caps]  # () = captured input
+        # A stream's key: what its set did so far, removed block indices and (block, variant key) pairs.
+        prefix: list[tuple[Any, ...]] = [() for _ in sets]
+        streams: list[dict[tuple[Any, ...], torch.Tensor]] = [{} for _ in caps]  # () = captured input
         last = self.num_blocks - 1
         with torch.inference_mode(), self.parallel():
             for j in range(self.num_blocks):
-                keep = sorted({p for p, r in zip(prefix, removed) if j not in r})
-                drop = sorted({p for p, r in zip(prefix, removed) if j in r})
-                run = [p for p in keep if p or j == last]  # the dense stream is the next captured input
-                inputs = [{p: cap.inputs[j] if not p else streams[m][p] for p in {*run, *drop}}
+                keys = [None if j in r or variants is None else variants.key(j, r) for r in removed]
+                drop = list(dict.fromkeys(p for p, r in zip(prefix, removed) if j in r))
+                # (stream in, variant key): the plain block runs the key-None streams, but not the dense one
+                # (its output is the next captured input) unless this is the last block
+                run = list(dict.fromkeys((p, v) for p, r, v in zip(prefix, removed, keys)
+                                         if j not in r and (p or v is not None or j == last)))
+                inputs = [{p: cap.inputs[j] if not p else streams[m][p] for p in {*(p for p, _ in run), *drop}}
                           for m, cap in enumerate(caps)]
-                outs: list[list[torch.Tensor]] = [[] for _ in caps]
+                new: list[dict[tuple[Any, ...], torch.Tensor]] = [{p + (j,): inputs[m][p] for p in drop}
+                                                                  for m in range(len(caps))]
                 if run:
                     with self.on_device(j) as block:
-                        outs = self.run_block(block, j, [(cap, [inputs[m][p] for p in run])
-                                                         for m, cap in enumerate(caps)])
-                streams = [{**{p + (j,): inputs[m][p] for p in drop}, **dict(zip(run, outs[m]))}
-                           for m in range(len(caps))]
-                prefix = [p + (j,) if j in r else p for p, r in zip(prefix, removed)]
+                        for v in dict.fromkeys(v for _, v in run):
+                            ins = [p for p, w in run if w == v]
+                            module = block if v is None else variants.make(block, j, v, captures)
+                            outs = self.run_block(module, j, [(cap, [inputs[m][p] for p in ins])
+                                                              for m, cap in enumerate(caps)])
+                            for m in range(len(caps)):
+                                new[m].update({(p if v is None else p + ((j, v),)): y for p, y in zip(ins, outs[m])})
+                streams = new
+                prefix = [p + (j,) if j in r else p if v is None else p + ((j, v),)
+                          for p, r, v in zip(prefix, removed, keys)]
         return [[streams[m][p] for p in prefix] for m in range(len(caps))]
 
     def dense_hiddens(self, reduce: str = "all") -> list[list[torch.Tensor]]:
@@ -310,6 +328,17 @@ class Engine:
 
     def num_targets(self) -> int:
         return sum(c.ids.shape[0] * (c.ids.shape[1] - 1) for c in self.captures)
+
+
+class BlockVariants(Protocol):
+    """Per-set replacements of kept blocks in :meth:`Engine.removal_set_outputs`."""
+
+    def key(self, index: int, removed: frozenset[int]) -> Hashable | None:
+        """Which variant block ``index`` is in the model without ``removed`` (None: the block itself)."""
+
+    def make(self, block: nn.Module, index: int, key: Hashable, captures: Sequence[int]) -> list[nn.Module]:
+        """The variant ``key`` of ``block`` (block ``index``, on the execution device) for each micro-batch of
+        ``captures`` (indices into :attr:`Engine.captures`; they may differ, e.g. fitted without it)."""
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -287,7 +287,7 @@ def _fit_one(block: nn.Module, out_proj: nn.Module | None, path: str, index: int
             if sums is None:
                 sums = BridgeSums(dim, device=m.device)
                 first = (y, m)
-            sums.add(m.reshape(-1, dim), (target - y).reshape(-1, dim), _token_weights(target))
+            sums.add(m.reshape(-1, dim), (target - y).reshape(-1, dim), token_weights(target))
             removed_err.append(relative_errors(out, target))
             if refine is not None:
                 kept_rows.append((m.reshape(-1, dim).float(), y.reshape(-1, dim).float(), target.reshape(-1, dim).float()))
@@ -323,7 +323,7 @@ def _fit_one(block: nn.Module, out_proj: nn.Module | None, path: str, index: int
                      cosine_ls=cosine[0] if cosine else None, cosine_refined=cosine[1] if cosine else None)
 
 
-def _token_weights(target: torch.Tensor) -> torch.Tensor:
+def token_weights(target: torch.Tensor) -> torch.Tensor:
     """1 / ||target||^2 per token: every token's error counts relative to its size, so the attention
     sink's huge activation (first position) is fitted like any other token instead of dominating."""
     return 1.0 / target.reshape(-1, target.shape[-1]).double().pow(2).sum(-1).clamp_min(1e-30)
