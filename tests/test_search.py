@@ -125,6 +125,22 @@ def test_linear_kl_equals_bridged_pruned_copies(arch):
         pytest.approx([reference_linear_kl(model, ids, list(sets[0]), batch=4)], rel=1e-4, abs=1e-7)
 
 
+def test_a_variant_copies_only_the_bridged_layer():
+    from shortened.archs import get_blocks
+    from shortened.heal.linear import fold_into_linear
+    from shortened.search_bridges import copy_along
+
+    block = get_blocks(tiny_model("llama"))[1]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    variant, layer = copy_along(block, "mlp.down_proj")
+    assert layer is variant.mlp.down_proj and layer is not block.mlp.down_proj
+    fold_into_linear(layer, 2 * torch.eye(layer.weight.shape[0]))
+    assert all(torch.equal(v, block.state_dict()[k]) for k, v in before.items())  # the original is unchanged
+    assert torch.equal(layer.weight, 2 * block.mlp.down_proj.weight)
+    shared = [k for k, v in variant.state_dict().items() if v.data_ptr() == block.state_dict()[k].data_ptr()]
+    assert sorted(set(variant.state_dict()) - set(shared)) == ["mlp.down_proj.weight"]
+
+
 def test_linear_kl_refuses_blocks_without_an_output_projection():
     model = tiny_model("gemma2")  # its MLP output is normalised before it joins the residual
     with pytest.raises(ShortenedError, match="--fitness linear-kl does not support model_type 'gemma2'"):

@@ -34,6 +34,20 @@ from .errors import ShortenedError
 from .heal.linear import DEFAULT_RIDGE, BridgeSums, fold_into_linear, token_weights
 
 
+def copy_along(module: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
+    """A copy of ``module`` that owns a deep copy of the submodule at ``path`` and shares everything else
+    (the modules on the way are shallow copies with their own child tables), and that deep copy. A block's
+    variant then costs one layer's weights, not the block's."""
+    top = node = copy.copy(module)
+    parts = path.split(".")
+    for k, name in enumerate(parts):
+        node._modules = dict(node._modules)  # its own child table: the original's stays as it is
+        child = node._modules[name]
+        node._modules[name] = copy.deepcopy(child) if k == len(parts) - 1 else copy.copy(child)
+        node = node._modules[name]
+    return top, node
+
+
 #: Cross-fitting folds: micro-batch ``m`` is measured with maps fitted on the micro-batches of the other
 #: folds (``m % folds`` is its fold), so the fitness is what the bridge does on text it was not fitted on.
 DEFAULT_FOLDS = 5
@@ -91,8 +105,8 @@ class LinearBridges:
         for c in captures:
             f = self.fold(c)
             if f not in variants:
-                variants[f] = copy.deepcopy(block)
-                fold_into_linear(get_submodule(variants[f], self.path), maps[f])
+                variants[f], layer = copy_along(block, self.path)
+                fold_into_linear(layer, maps[f])
         return [variants[self.fold(c)] for c in captures]
 
     def bridge(self, block: nn.Module, index: int, end: int) -> list[torch.Tensor]:
