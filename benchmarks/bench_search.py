@@ -201,19 +201,26 @@ def main() -> int:
     return 0
 
 
+def first_calibration(args) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model (fp32, CPU) and the calibration ids of the first ``--n-samples`` size."""
+    from shortened import load_model
+    from shortened.data import calibration_data
+
+    model, tok = load_model(args.model, dtype="float32", device="cpu")
+    n = int(args.n_samples.split(",")[0])
+    return model, calibration_data(args.calib, tok, n_samples=n, seq_len=args.seq_len, seed=args.seed).ids
+
+
 def neighbours(args, base: list[int]) -> int:
     """Is ``base`` a local optimum? Its fitness and that of all sets one swap away, on all samples; and how
     well the first stages' budgets (1 and 3 samples) rank them (Spearman)."""
     from scipy.stats import spearmanr
 
-    from shortened import load_model
-    from shortened.data import calibration_data
     from shortened.engine import Engine
     from shortened.search import SetFitness
 
-    model, tok = load_model(args.model, dtype="float32", device="cpu")
-    n = int(args.n_samples.split(",")[0])
-    ids = calibration_data(args.calib, tok, n_samples=n, seq_len=args.seq_len, seed=args.seed).ids
+    model, ids = first_calibration(args)
+    n = ids.shape[0]
     fitness = args.fitnesses.split(",")[0]
     fit = SetFitness(Engine(model, ids, batch_size=1, progress=False), fitness)
     sets = [tuple(base)] + [tuple(sorted(set(base) - {out} | {back}))
@@ -232,17 +239,13 @@ def neighbours(args, base: list[int]) -> int:
 def fitness_of(args) -> int:
     """Each named set's fitness under each of ``--fitnesses`` (all samples), and the time of each fitness's
     setup and measurements (one engine per fitness)."""
-    from shortened import load_model
-    from shortened.data import calibration_data
     from shortened.engine import Engine
     from shortened.search import SetFitness
 
     sets = {name: tuple(int(b) for b in blocks.split(","))
             for name, blocks in (item.split("=") for item in args.fitness_of.split(";") if item)}
-    model, tok = load_model(args.model, dtype="float32", device="cpu")
-    n = int(args.n_samples.split(",")[0])
-    ids = calibration_data(args.calib, tok, n_samples=n, seq_len=args.seq_len, seed=args.seed).ids
-    print(f"{n} x {args.seq_len} calibration tokens, {torch.get_num_threads()} thread(s)")
+    model, ids = first_calibration(args)
+    print(f"{ids.shape[0]} x {args.seq_len} calibration tokens, {torch.get_num_threads()} thread(s)")
     print("| fitness | " + " | ".join(sets) + " | seconds |")
     print("|---|" + "---:|" * (len(sets) + 1))
     for fitness in args.fitnesses.split(","):

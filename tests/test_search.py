@@ -141,10 +141,29 @@ def test_a_variant_copies_only_the_bridged_layer():
     assert sorted(set(variant.state_dict()) - set(shared)) == ["mlp.down_proj.weight"]
 
 
-def test_linear_kl_refuses_blocks_without_an_output_projection():
+def test_linear_kl_refuses_blocks_without_an_output_projection(monkeypatch):
     model = tiny_model("gemma2")  # its MLP output is normalised before it joins the residual
     with pytest.raises(ShortenedError, match="--fitness linear-kl does not support model_type 'gemma2'"):
         SetFitness(Engine(model, tiny_inputs(batch=2), batch_size=1, progress=False), "linear-kl")
+    import shortened.criteria.search as crit
+
+    def no_starts(*args, **kwargs):
+        raise AssertionError("the starting criteria ran before the architecture was checked")
+
+    monkeypatch.setattr(crit, "starting_selections", no_starts)
+    with pytest.raises(ShortenedError, match="--fitness linear-kl does not support model_type 'gemma2'"):
+        score_blocks(model, tiny_inputs(batch=2), "search", num_blocks=2, fitness="linear-kl", progress=False)
+
+
+def test_the_command_line_offers_every_fitness():
+    from shortened.cli import build_parser
+    from shortened.search import FITNESSES
+
+    parser = build_parser()
+    for fitness in FITNESSES:
+        assert parser.parse_args(["score", "m", "--out", "s.json", "--criterion", "search", "--fitness", fitness]).fitness == fitness
+    with pytest.raises(SystemExit):
+        parser.parse_args(["score", "m", "--out", "s.json", "--criterion", "search", "--fitness", "nll"])
 
 
 def deeper_llama(layers: int, seed: int = 0) -> torch.nn.Module:

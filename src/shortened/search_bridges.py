@@ -31,21 +31,24 @@ from torch import nn
 from .archs import get_submodule
 from .engine import Engine, call_block
 from .errors import ShortenedError
-from .heal.linear import DEFAULT_RIDGE, BridgeSums, fold_into_linear, token_weights
+from .heal.linear import DEFAULT_RIDGE, BridgeSums, fold_into_linear, mlp_out_path, mlp_output, token_weights
+
+
+def check_supported(engine: Engine) -> str:
+    """The engine's ``ArchSpec.mlp_out`` (where the bridges go), or a one-line error for an architecture
+    without one (before any slow work)."""
+    return mlp_out_path(engine.spec, engine.model.config.model_type, "--fitness linear-kl")
 
 
 def copy_along(module: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
-    """A copy of ``module`` that owns a deep copy of the submodule at ``path`` and shares everything else
-    (the modules on the way are shallow copies with their own child tables), and that deep copy. A block's
-    variant then costs one layer's weights, not the block's."""
-    top = node = copy.copy(module)
-    parts = path.split(".")
-    for k, name in enumerate(parts):
-        node._modules = dict(node._modules)  # its own child table: the original's stays as it is
-        child = node._modules[name]
-        node._modules[name] = copy.deepcopy(child) if k == len(parts) - 1 else copy.copy(child)
-        node = node._modules[name]
-    return top, node
+    """A copy of ``module`` with its own copy of the submodule at ``path`` and every other weight shared
+    (the module objects are copied, their tensors are not), and that submodule's copy. A block's variant
+    then costs one layer's weights, not the block's."""
+    layer = get_submodule(module, path)
+    own = {id(t) for t in (*layer.parameters(), *layer.buffers())}
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in own}
+    variant = copy.deepcopy(module, shared)  # deepcopy's memo: the tensors it holds are taken as they are
+    return variant, get_submodule(variant, path)
 
 
 #: Cross-fitting folds: micro-batch ``m`` is measured with maps fitted on the micro-batches of the other
@@ -67,16 +70,12 @@ class LinearBridges:
 
     def __init__(self, engine: Engine, finals: list[torch.Tensor], ridge: float = DEFAULT_RIDGE,
                  folds: int = DEFAULT_FOLDS) -> None:
-        if not engine.spec.mlp_out:
-            why = engine.spec.mlp_out_why or "its blocks are not known to end in 'h + linear(...)'"
-            raise ShortenedError(f"--fitness linear-kl does not support model_type "
-                                 f"'{engine.model.config.model_type}': {why} (ArchSpec.mlp_out in shortened/archs.py)")
+        self.path = check_supported(engine)
         if not ridge >= 0:
             raise ShortenedError(f"the linear bridges' ridge must be >= 0, got {ridge}")
         if folds < 1:
             raise ShortenedError(f"the linear bridges need at least one fold, got {folds}")
         self.engine = engine
-        self.path = engine.spec.mlp_out
         self.finals = finals
         self.ridge = ridge
         self.folds = min(folds, len(engine.captures))
@@ -127,13 +126,7 @@ class LinearBridges:
 
     def _solve(self, sums: list[BridgeSums], fold: int) -> torch.Tensor:
         """The map fitted on every fold but ``fold`` (on all of them when there is only one)."""
-        rest = [s for f, s in enumerate(sums) if f != fold] or sums
-        total = BridgeSums(rest[0].xtx.shape[0], device=rest[0].xtx.device)
-        for s in rest:
-            total.xtx += s.xtx
-            total.xtz += s.xtz
-            total.tokens += s.tokens
-        return total.solve(self.ridge)
+        return BridgeSums.merged([s for f, s in enumerate(sums) if f != fold] or sums).solve(self.ridge)
 
     def _dense_after(self, m: int, index: int) -> torch.Tensor:
         """The dense model's hidden state after block ``index``, micro-batch ``m``."""
@@ -154,10 +147,7 @@ class LinearBridges:
                 for cap in self.engine.captures:
                     seen.clear()
                     y = call_block(block, cap.calls[index], cap.inputs[index], cap.batch)
-                    if len(seen) != 1 or seen[0].numel() != y.numel():
-                        raise ShortenedError(f"'{self.path}' is not the last linear layer of block {index} "
-                                             f"(ArchSpec.mlp_out): it ran {len(seen)} times or has another size")
-                    outs.append(seen[0].reshape(y.shape))
+                    outs.append(mlp_output(seen, y, self.path, index))
             finally:
                 handle.remove()
             self._mlp[index] = outs

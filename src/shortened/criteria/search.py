@@ -15,6 +15,7 @@ from ..errors import ShortenedError
 from ..scores import BlockScores
 from ..search import (DEFAULT_GENERATIONS, DEFAULT_OFFSPRING, DEFAULT_STAGES, check_max_run, check_options,
                       evolutionary_search, lowest_with_max_run)
+from ..search_bridges import check_supported
 
 #: Criteria whose selections the search starts from (the best of them by the search's fitness): those that
 #: cost at most one dense pass over the captured inputs. ``ppl`` costs one ppl criterion's time and
@@ -35,6 +36,8 @@ def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = N
     k = check_request(n, "search", num_blocks=num_blocks, ratio=ratio, protect_first=protect_first,
                       protect_last=protect_last)
     check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])  # before the starts
+    if fitness == "linear-kl":
+        check_supported(engine)
     first, last = protect_first or 0, protect_last or 0  # the search's own default protection: none
     eligible = list(range(first, n - last))
     check_max_run(max_run, k, eligible)  # before the starts are computed

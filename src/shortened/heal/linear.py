@@ -93,11 +93,12 @@ def removed_runs(kept: Sequence[int], num_teacher_blocks: int) -> list[tuple[int
     return runs
 
 
-def mlp_out_path(spec: ArchSpec, model_type: str) -> str:
-    """``spec.mlp_out``, or a one-line error naming the architecture and the table field."""
+def mlp_out_path(spec: ArchSpec, model_type: str, option: str = "--method linear") -> str:
+    """``spec.mlp_out``, or a one-line error naming the ``option`` that needs it, the architecture and the
+    table field."""
     if not spec.mlp_out:
         why = spec.mlp_out_why or "its blocks are not known to end in 'h + linear(...)'"
-        raise ShortenedError(f"--method linear does not support model_type '{model_type}': {why} "
+        raise ShortenedError(f"{option} does not support model_type '{model_type}': {why} "
                              "(ArchSpec.mlp_out in shortened/archs.py)")
     return spec.mlp_out
 
@@ -118,6 +119,16 @@ class BridgeSums:
         self.xtx += xw.T @ x
         self.xtz += xw.T @ z
         self.tokens += x.shape[0]
+
+    @classmethod
+    def merged(cls, parts: Sequence[BridgeSums]) -> BridgeSums:
+        """The sums of several parts (e.g. the folds of a calibration set) together."""
+        total = cls(parts[0].xtx.shape[0], device=parts[0].xtx.device)
+        for part in parts:
+            total.xtx += part.xtx
+            total.xtz += part.xtz
+            total.tokens += part.tokens
+        return total
 
     def solve(self, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
         """``argmin_T sum_t w_t ||X_t T - Z_t||^2 + lambda ||T - I||^2``, ``lambda = ridge * mean(diag(X^T W X))``."""
@@ -252,6 +263,19 @@ def fit_linear_bridges(
     return fits
 
 
+def mlp_output(seen: list[torch.Tensor], out: torch.Tensor, path: str, index: int) -> torch.Tensor:
+    """The output of layer ``path`` that a forward hook ``seen`` in one call of block ``index`` (whose output
+    is ``out``), shaped like ``out``; a one-line error when the layer is not the one that writes into the
+    residual stream (ArchSpec.mlp_out)."""
+    if len(seen) != 1:
+        raise ShortenedError(f"'{path}' ran {len(seen)} times in one call of block {index}: "
+                             "ArchSpec.mlp_out must name the block's last linear layer")
+    if seen[0].numel() != out.numel():
+        raise ShortenedError(f"the output of '{path}' does not have the block output's size: ArchSpec.mlp_out "
+                             "must name the layer that writes into the residual stream")
+    return seen[0].reshape(out.shape)  # OPT runs its MLP on flattened tokens
+
+
 def relative_errors(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-token ``||out - target||^2 / ||target||^2`` (float64, flattened over the batch)."""
     t = target.reshape(-1, target.shape[-1]).double()
@@ -274,13 +298,7 @@ def _fit_one(block: nn.Module, out_proj: nn.Module | None, path: str, index: int
         for k, h in enumerate(streams):
             seen.clear()
             out = call_block(block, calls[k][teacher_index], h, h.shape[0])
-            if len(seen) != 1:
-                raise ShortenedError(f"'{path}' ran {len(seen)} times in one call of block {index}: "
-                                     "ArchSpec.mlp_out must name the block's last linear layer")
-            if seen[0].numel() != out.numel():
-                raise ShortenedError(f"the output of '{path}' does not have the block output's size: ArchSpec.mlp_out "
-                                     "must name the layer that writes into the residual stream")
-            m = seen[0].reshape(out.shape)  # OPT runs its MLP on flattened tokens
+            m = mlp_output(seen, out, path, index)
             y = out - m
             target = goals[k][run[1] + 1]
             dim = m.shape[-1]
