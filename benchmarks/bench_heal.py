@@ -87,9 +87,10 @@ def data_path(name: str, data_dir: Path, work: Path) -> str:
 
 
 def evaluate(model, tokenizer, data_dir: Path, ppl_limit: int, zs_limit: int | None,
-             extra_ppl: tuple[str, ...] = ()) -> dict:
+             extra_ppl: tuple[str, ...] = (), full_ppl: bool = False) -> dict:
     """WikiText-2 and PTB perplexity (and of each text file of ``extra_ppl``, under ``ppl <path>``),
-    zero-shot on ``zs_limit`` items per task."""
+    zero-shot on ``zs_limit`` items per task; with ``full_ppl`` also WikiText-2 and PTB on every chunk
+    (``wikitext2_full``, ``ptb_full``)."""
     from shortened.evaluation.perplexity import perplexity_on
 
     out = {}
@@ -97,6 +98,11 @@ def evaluate(model, tokenizer, data_dir: Path, ppl_limit: int, zs_limit: int | N
         r = perplexity_on(model, tokenizer, name, data_dir=data_dir, seq_len=128, batch_size=8, limit=ppl_limit,
                           progress=False)
         out[name if name in ("wikitext2", "ptb") else f"ppl {name}"] = r["value"]
+    for name in ("wikitext2", "ptb") if full_ppl else ():
+        r = perplexity_on(model, tokenizer, name, data_dir=data_dir, seq_len=128, batch_size=8, limit=None,
+                          progress=False)
+        out[f"{name}_full"] = r["value"]
+        out[f"{name}_full_chunks"] = r.get("n_chunks")
     if zs_limit:
         from shortened.evaluation.zeroshot import PAPER_METRICS, run_tasks
 
@@ -115,9 +121,13 @@ def main() -> int:
     p.add_argument("--ppl-limit", type=int, default=300, help="first N chunks of 128 tokens")
     p.add_argument("--extra-ppl", action="append", default=[], metavar="TEXT_FILE",
                    help="also the perplexity of this text file (first --ppl-limit chunks); repeatable")
+    p.add_argument("--full-ppl", action="store_true",
+                   help="also WikiText-2 (test) and PTB (validation) on every chunk, as the paper reports them")
     p.add_argument("--zs-limit", type=int, default=0, help="items per zero-shot task (0: skip zero-shot)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--probe-steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None,
+                   help="train this many steps instead of planning them from the budget (to repeat a run exactly)")
     p.add_argument("--cpu-budget", action="store_true",
                    help="--budget is process CPU seconds (steps planned from the probe's CPU time per step, no wall "
                         "cap): the same budget for every row on a machine shared with other jobs")
@@ -126,6 +136,8 @@ def main() -> int:
     p.add_argument("--evals", type=int, default=4, help="validations per run")
     p.add_argument("--set", action="append", default=[], metavar="RUN.KEY=VALUE",
                    help="override a setting, e.g. distill-lora.lr=1e-3 (repeatable)")
+    p.add_argument("--save-dir", type=Path, default=None,
+                   help="save each healed model under DIR/METHOD (a plain Hugging Face folder) for later evaluation")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/healing.json"))
     p.add_argument("--skip-baselines", action="store_true", help="do not evaluate the dense and pruned models")
     p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model")
@@ -150,7 +162,7 @@ def main() -> int:
     if not (args.skip_baselines or args.skip_dense):
         t = time.perf_counter()
         results["models"]["dense"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit,
-                                              tuple(args.extra_ppl))
+                                              tuple(args.extra_ppl), args.full_ppl)
         print("dense", results["models"]["dense"], f"({time.perf_counter() - t:.0f} s eval)", flush=True)
     n = len(dense.model.layers)
     kept = remove_blocks(dense, removed)
@@ -158,7 +170,7 @@ def main() -> int:
     save_model(dense, tok, pruned_dir, pruning_record("smollm2-135m", n, kept, model_type="llama"))
     if not args.skip_baselines:
         results["models"]["pruned"] = evaluate(dense, tok, args.data_dir, args.ppl_limit, args.zs_limit,
-                                              tuple(args.extra_ppl))
+                                              tuple(args.extra_ppl), args.full_ppl)
         print("pruned", results["models"]["pruned"], flush=True)
     del dense
 
@@ -177,7 +189,8 @@ def main() -> int:
             dataset = load_healing_data(spec, tok, seq_len=common["seq_len"], val_fraction=common["val_fraction"],
                                         seed=common["seed"])
             dataset.val = dataset.val[:args.val_examples]
-            out = work / f"{name}-{k}" if k + 1 < len(phases) else None
+            out = work / f"{name}-{k}" if k + 1 < len(phases) else (
+                args.save_dir / name if args.save_dir else None)
             if not get_method(method).trains:
                 start, cpu = time.perf_counter(), time.process_time()
                 r = heal(str(source), dataset, method, out=out, **{**common, "progress": False})
@@ -195,7 +208,9 @@ def main() -> int:
             marks: list[float] = []
             clock = time.process_time if args.cpu_budget else time.perf_counter
             passes = common.get("passes")
-            if passes:
+            if args.steps:  # a fixed step count: no probe, no plan
+                pass
+            elif passes:
                 # Four batches, gone over twice: steps 1-4 run the teacher, steps 5-8 read the teacher cache;
                 # each kind timed over its last two steps (the first steps of a run are slow: one step
                 # alone read up to 40% more than the run's steps took).
@@ -214,8 +229,11 @@ def main() -> int:
                     per_step = (marks[-1] - marks[0]) / args.probe_steps
                 else:
                     per_step = probe.run.seconds / (args.probe_steps + 1)
-            steps = max(1, int(budget / per_step * 0.9))  # 10% for validation
-            print(f"{name} [{phase}]: {per_step:.2f} s/step -> {steps} steps in {budget:.0f} s", flush=True)
+            if args.steps:
+                steps = args.steps
+            else:
+                steps = max(1, int(budget / per_step * 0.9))  # 10% for validation
+                print(f"{name} [{phase}]: {per_step:.2f} s/step -> {steps} steps in {budget:.0f} s", flush=True)
             cpu = time.process_time()
             r = heal(str(source), dataset, method, steps=steps, max_time=None if args.cpu_budget else budget,
                      eval_every=max(1, steps // args.evals), out=out, **common)
@@ -231,7 +249,8 @@ def main() -> int:
             spent += cpu if args.cpu_budget else r.run.seconds
             source = out
         train_s = time.perf_counter() - t
-        ev = evaluate(r.model, r.tokenizer, args.data_dir, args.ppl_limit, args.zs_limit, tuple(args.extra_ppl))
+        ev = evaluate(r.model, r.tokenizer, args.data_dir, args.ppl_limit, args.zs_limit, tuple(args.extra_ppl),
+                      args.full_ppl)
         results["models"][name] = {**ev, **entries[-1], "steps_done": sum(e["steps_done"] for e in entries),
                                    "train_seconds": round(sum(e["train_seconds"] for e in entries), 1),
                                    "cpu_seconds": round(sum(e["cpu_seconds"] for e in entries), 1),

@@ -532,13 +532,14 @@ def test_find_bridges_refuses(kept, message):
         find_bridges(kept, 3 if message == "nothing to reconstruct" else 6)
 
 
-@pytest.mark.parametrize("removed,width,loss,first_token", [([2, 3], 1, "token", False), ([2, 3], 2, "token", False),
-                                                      ([4, 5], 2, "token", False), ([2, 3], 2, "total", False),
-                                                      ([2, 3], 2, "token", True),
-                                                      ([2, 3], "auto", "token", True)])  # middle; end (the last output)
-def test_reconstruct_objective_equals_reference(removed, width, loss, first_token):
+@pytest.mark.parametrize("removed,width,loss,first_token,weight", [
+    ([2, 3], 1, "token", False, "rest"), ([2, 3], 2, "token", False, "rest"), ([4, 5], 2, "token", False, "rest"),
+    ([2, 3], 2, "total", False, "rest"), ([2, 3], 2, "token", True, 1.0), ([2, 3], "auto", "token", True, 1.0),
+    ([2, 3], 2, "token", True, "rest"), ([4, 5], 2, "total", True, "rest"), ([2, 3], 2, "token", True, 2.5)])
+def test_reconstruct_objective_equals_reference(removed, width, loss, first_token, weight):
     """The loss equals a hand computation: run the pruned model with the bridge's input replaced by the
-    teacher's, compare its output with the teacher's hidden state after the gap (first position left out)."""
+    teacher's, compare its output with the teacher's hidden state after the gap (first position left out,
+    or weighted: "rest" = as much as the rest of its row's tokens; [4, 5]: the end, the last output)."""
     from shortened.heal.reconstruct import ReconstructObjective
     from shortened.surgery import remove_blocks
 
@@ -563,14 +564,26 @@ def test_reconstruct_objective_equals_reference(removed, width, loss, first_toke
         h2 = final.register_forward_hook(lambda m, a, o: outs.setdefault("bridge", o[0] if isinstance(o, tuple) else o))
         student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         h1.remove(), h2.remove()
-        mask = batch["attention_mask"].clone().bool()
-        mask[:, 0] = first_token  # the first position only with --reconstruct-first-token
-        err = (outs["bridge"] - target)[mask].pow(2).sum(-1)
-        norm = target[mask].pow(2).sum(-1)
-        expected = float((err / norm).mean() if loss == "token" else err.sum() / norm.sum())
-        objective = ReconstructObjective(teacher, kept, width, loss, first_token=first_token)
+        w = batch["attention_mask"].clone().double()
+        if not first_token:
+            w[:, 0] = 0
+        else:
+            w[:, 0] = w[:, 1:].sum(1) if weight == "rest" else weight
+        assert weight != "rest" or not first_token or w[1, 0] == w.shape[1] - 1 - 4  # row 1: 4 padded positions
+        err = (outs["bridge"] - target).double().pow(2).sum(-1)
+        norm = target.double().pow(2).sum(-1)
+        expected = float((w * err / norm).sum() / w.sum() if loss == "token" else (w * err).sum() / (w * norm).sum())
+        objective = ReconstructObjective(teacher, kept, width, loss, first_token=first_token, first_token_weight=weight)
         got = float(objective.sums(student, batch) / objective.counts(batch))
     assert got == pytest.approx(expected, rel=1e-5) and expected > 1e-3
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, "half", True])
+def test_reconstruct_first_token_weight_is_checked(weight):
+    from shortened.heal.reconstruct import check_first_token_weight
+
+    with pytest.raises(ShortenedError, match="first token's weight"):
+        check_first_token_weight(weight)
 
 
 def test_reconstruct_heals_only_the_bridges(trained_tiny):
@@ -679,8 +692,9 @@ def test_student_inputs_carry_the_previous_bridge_through_the_kept_blocks(loss):
         student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         for h in hooks:
             h.remove()
-        mask = batch["attention_mask"].clone().bool()  # the first position too: the default
-        objective = ReconstructObjective(teacher, kept, 2, loss, inputs="student")
+        # the first position weighted like any token (the weights themselves: the test above)
+        mask = batch["attention_mask"].clone().bool()
+        objective = ReconstructObjective(teacher, kept, 2, loss, inputs="student", first_token_weight=1.0)
         assert [(b.index, b.count) for b in objective.bridges] == [(0, 2), (2, 2)]
         expected = 0.0
         for out, target in ((outs["b1"], states[3]), (outs["b2"], outs["t6"])):
@@ -691,7 +705,7 @@ def test_student_inputs_carry_the_previous_bridge_through_the_kept_blocks(loss):
                 expected += float(err.sum() / norm.mean())
         got = float(objective.sums(student, batch))
         assert got == pytest.approx(expected, rel=1e-5)
-        teacher_inputs = float(ReconstructObjective(teacher, kept, 2, loss).sums(student, batch))
+        teacher_inputs = float(ReconstructObjective(teacher, kept, 2, loss, first_token_weight=1.0).sums(student, batch))
         assert teacher_inputs != pytest.approx(got, rel=1e-3)  # the option changes the second bridge's input
     with pytest.raises(ShortenedError, match="--bridge-inputs must be one of teacher, student"):
         ReconstructObjective(teacher, kept, 2, inputs="mixed")

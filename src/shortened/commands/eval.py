@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   shortened eval runs/pruned --data-dir ../shared/data --limit 50 --out runs/pruned-50.json
   shortened eval runs/pruned --ppl wikitext2,my_notes.txt --tasks none --seq-len 2048
   shortened eval google/gemma-2-2b --bos --tasks boolq,piqa       (online: Hub data)
+  shortened eval runs/pruned --reference smollm2-135m --tasks none   (+ KL to the source model)
   shortened eval --compare runs/dense.json runs/pruned.json
 
 The paper's protocol is the default: WikiText-2 (raw v1, test) and PTB (validation) perplexity over
@@ -40,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--tasks", default=",".join(PAPER_TASKS),
                       help="zero-shot tasks (of: " + ", ".join(PAPER_TASKS) + "); 'none' for no tasks")
     add_data_dir_arg(what)
+    what.add_argument("--reference", default=None, metavar="MODEL",
+                      help="also the mean token KL(MODEL || the evaluated model) on each perplexity set: how far "
+                           "pruning and healing moved the model from its source (loaded with the same options)")
     what.add_argument("--limit", type=int, default=None,
                       help="first N chunks per perplexity set and first N items per task (quick runs)")
     how = p.add_argument_group("how")
@@ -103,15 +107,24 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in PAPER_TASKS]
     if unknown:
         raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_TASKS)}")
+    if args.reference is not None and not ppl:
+        raise ShortenedError("--reference measures the KL on the perplexity sets: give --ppl")
     if args.data_dir is not None:  # fail before the (slow) model load
         check_local_files(ppl, tasks, args.data_dir)
 
     model, tokenizer = load_from_args(args)
+    reference = None
+    if args.reference is not None:
+        from ._common import load_options
+
+        reference, _ = load_options(args).load(args.reference)
     name = args.name or args.model
     results = evaluate(model, tokenizer, ppl=ppl, tasks=tasks, data_dir=args.data_dir, seq_len=args.seq_len,
                        batch_size=args.batch_size, bos=args.bos, limit=args.limit, name=name,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, reference=reference)
     results["source"] = args.model
+    if args.reference is not None:
+        results["reference"] = args.reference
     pruning = Path(args.model) / "pruning.json"
     if pruning.is_file():  # a model pruned by shortened: keep which blocks it lacks beside its scores
         from ..io import read_json

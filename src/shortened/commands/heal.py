@@ -39,6 +39,11 @@ def bridge_width(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
+def first_token_weight(value: str) -> float | str:
+    """``--reconstruct-first-token-weight``: ``rest`` or a number (checked by the method, with a one-line message)."""
+    return value if value == "rest" else float(value)
+
+
 def _method_defaults(name: str) -> str:
     from ..heal import HealSettings, get_method
 
@@ -117,6 +122,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     default=d.reconstruct_first_token,
                     help="fit the first position of each text too (the attention sink; per-token relative error); "
                          "without it long runs can break that position and the model with it")
+    rc.add_argument("--reconstruct-first-token-weight", type=first_token_weight,
+                    default=d.reconstruct_first_token_weight,
+                    help="the first position's weight in the loss: rest (default: as much as the rest of its text, "
+                         "so that losing the attention sink is never cheap) or a positive number (1: like any token)")
     rc.add_argument("--bridge-inputs", choices=BRIDGE_INPUTS, default=d.bridge_inputs,
                     help="input of each bridge after the first: the unpruned model's hidden state (teacher) or the "
                          "pruned model's own, carried from the previous bridge (student)")
@@ -169,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         student=args.student, temperature=args.temperature, lm_weight=args.lm_weight, bridge_width=args.bridge_width,
         reconstruct_loss=args.reconstruct_loss, teacher_cache_gb=args.teacher_cache_gb, passes=args.passes,
         bridge_inputs=args.bridge_inputs, reconstruct_first_token=args.reconstruct_first_token,
+        reconstruct_first_token_weight=args.reconstruct_first_token_weight,
         linear_tokens=args.linear_tokens, linear_ridge=args.linear_ridge,
         linear_objective=args.linear_objective, linear_cosine_steps=args.linear_cosine_steps,
         linear_cosine_lr=args.linear_cosine_lr,

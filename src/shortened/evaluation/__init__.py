@@ -44,8 +44,13 @@ def evaluate(
     limit: int | None = None,
     name: str | None = None,
     progress: bool = True,
+    reference: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Perplexity on each set of ``ppl`` and accuracy on each task of ``tasks``, as one results dict.
+
+    With ``reference`` (the source model of a pruned one) each perplexity entry also has
+    ``kl_to_reference``, the mean token KL(reference || model) on the same chunks, and
+    ``reference_value``, the reference's perplexity (:mod:`shortened.evaluation.fidelity`).
 
     ``data_dir`` holds the original data files (the layout of ``../shared/data``); None reads the Hub.
     ``limit`` takes the first N chunks of each perplexity set and the first N items of each task.
@@ -73,6 +78,9 @@ def evaluate(
         perplexities = {
             set_name: perplexity_on(model, tokenizer, set_name, data_dir=data_dir, seq_len=seq_len,
                                     batch_size=batch_size, bos=bos, limit=limit, progress=progress)
+            if reference is None else _with_reference(model, reference, tokenizer, set_name, data_dir=data_dir,
+                                                      seq_len=seq_len, batch_size=batch_size, bos=bos,
+                                                      limit=limit, progress=progress)
             for set_name in ppl
         }
         zeroshot = run_tasks(model, tokenizer, list(tasks), data_dir=data_dir, batch_size=batch_size,
@@ -90,6 +98,7 @@ def evaluate(
             "ppl": list(ppl), "tasks": list(tasks), "data_dir": str(data_dir) if data_dir is not None else None,
             "seq_len": seq_len, "batch_size": batch_size, "bos": bos, "limit": limit,
             "num_fewshot": 0, "seeds": SEEDS,
+            "reference": _model_summary(reference) if reference is not None else None,
         },
         "perplexity": perplexities,
         "zeroshot": zeroshot,
@@ -98,6 +107,21 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 2),
         "versions": library_versions(),
     }
+
+
+def _with_reference(model: nn.Module, reference: nn.Module, tokenizer: Any, set_name: str,
+                    **kwargs: Any) -> dict[str, Any]:
+    """A perplexity entry (as :func:`perplexity_on`'s) with the KL to the reference measured in the same pass."""
+    from .fidelity import fidelity_on
+
+    was_training = reference.training
+    reference.eval()
+    try:
+        r = fidelity_on(model, reference, tokenizer, set_name, **kwargs)
+    finally:
+        reference.train(was_training)
+    return {"value": r["ppl"], "kl_to_reference": r["kl"], "reference_value": r["reference_ppl"],
+            "n_chunks": r["n_chunks"], "n_tokens": r["n_tokens"], "seconds": r["seconds"], "settings": r["settings"]}
 
 
 def _model_summary(model: nn.Module) -> dict[str, Any]:

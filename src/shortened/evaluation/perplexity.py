@@ -24,7 +24,7 @@ from .sources import PPL_SETS, ROW_SEPARATOR, ppl_rows, read_text_file
 __all__ = ["load_ppl_text", "perplexity", "perplexity_on", "tokenize_text"]
 
 # Positions whose float64 token NLL is taken at once (256 x 49152 vocab x 8 bytes = 100 MB).
-_POSITIONS_PER_SLICE = 256
+POSITIONS_PER_SLICE = 256
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -75,8 +75,8 @@ def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None 
         # fp32 log-sum-exp over a large vocabulary drifts by ~1e-5 relative), over slices of
         # positions so that the float64 copy stays small for long chunks.
         for row in range(batch.shape[0]):
-            for lo in range(0, batch.shape[1] - 1, _POSITIONS_PER_SLICE):
-                hi = min(lo + _POSITIONS_PER_SLICE, batch.shape[1] - 1)
+            for lo in range(0, batch.shape[1] - 1, POSITIONS_PER_SLICE):
+                hi = min(lo + POSITIONS_PER_SLICE, batch.shape[1] - 1)
                 pred = logits[row, lo:hi].double()
                 target = batch[row, lo + 1:hi + 1]
                 total += token_nll(pred, target).sum().item()
@@ -126,6 +126,19 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.LongTensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def set_chunks(tokenizer: Any, name: str, *, data_dir: str | os.PathLike | None, seq_len: int, bos: bool,
+               limit: int | None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """A named set's or text file's token ids, its ``seq_len`` chunks and the BOS id to put before each
+    (None without ``bos``)."""
+    bos_id = None
+    if bos:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise ShortenedError("--bos was asked for but the tokenizer has no BOS token")
+    ids = tokenize_text(tokenizer, load_ppl_text(name, data_dir))
+    return ids, chunk_tokens(ids, seq_len, limit), bos_id
+
+
 def perplexity_on(
     model: nn.Module,
     tokenizer: Any,
@@ -143,13 +156,7 @@ def perplexity_on(
     Returns ``{"value", "n_chunks", "n_tokens", "seconds", "settings": {...}}``; ``n_tokens`` counts the
     scored tokens.
     """
-    bos_id = None
-    if bos:
-        bos_id = getattr(tokenizer, "bos_token_id", None)
-        if bos_id is None:
-            raise ShortenedError("--bos was asked for but the tokenizer has no BOS token")
-    ids = tokenize_text(tokenizer, load_ppl_text(name, data_dir))
-    chunks = chunk_tokens(ids, seq_len, limit)
+    ids, chunks, bos_id = set_chunks(tokenizer, name, data_dir=data_dir, seq_len=seq_len, bos=bos, limit=limit)
     start = time.perf_counter()
     total, count = sum_nll(model, chunks, bos_token_id=bos_id, batch_size=batch_size, progress=progress,
                            desc=f"ppl {os.path.basename(name) or name}")

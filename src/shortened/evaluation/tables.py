@@ -41,6 +41,11 @@ def _ppl_columns(results: Sequence[dict[str, Any]]) -> list[str]:
     return named + others
 
 
+def _kl_columns(results: Sequence[dict[str, Any]], ppl_cols: Sequence[str]) -> list[str]:
+    """The perplexity sets some result also measured the KL to a reference model on."""
+    return [p for p in ppl_cols if any("kl_to_reference" in r.get("perplexity", {}).get(p, {}) for r in results)]
+
+
 def _task_columns(results: Sequence[dict[str, Any]]) -> list[str]:
     present = {name for r in results for name in r.get("zeroshot", {})}
     return [t for t in PAPER_METRICS if t in present]
@@ -56,7 +61,8 @@ def markdown_table(results: Sequence[dict[str, Any]], names: Sequence[str] | Non
         raise ShortenedError("no results to tabulate")
     names = list(names) if names is not None else [r.get("name") or f"model {i + 1}" for i, r in enumerate(results)]
     ppl_cols, task_cols = _ppl_columns(results), _task_columns(results)
-    header = ["Model", *(f"{_title(p)} PPL↓" for p in ppl_cols),
+    kl_cols = _kl_columns(results, ppl_cols)
+    header = ["Model", *(f"{_title(p)} PPL↓" for p in ppl_cols), *(f"{_title(p)} KL↓" for p in kl_cols),
               *(f"{TASK_TITLES[t]} ({PAPER_METRICS[t]})" for t in task_cols)]
     if task_cols:
         header.append("Average↑")
@@ -66,6 +72,9 @@ def markdown_table(results: Sequence[dict[str, Any]], names: Sequence[str] | Non
         for p in ppl_cols:
             entry = r.get("perplexity", {}).get(p)
             row.append(f"{entry['value']:.2f}" if entry else "-")
+        for p in kl_cols:
+            kl = r.get("perplexity", {}).get(p, {}).get("kl_to_reference")
+            row.append(f"{kl:.4f}" if kl is not None else "-")
         for t in task_cols:
             entry = r.get("zeroshot", {}).get(t)
             row.append(f"{100 * entry['value']:.2f}" if entry else "-")
@@ -86,6 +95,9 @@ def _notes(results: Sequence[dict[str, Any]]) -> list[str]:
     if limits:
         notes.append(f"Partial evaluation: --limit {', '.join(str(x) for x in sorted(limits))} "
                      "(first N items per task, first N chunks per perplexity set).")
+    if any("kl_to_reference" in e for r in results for e in r.get("perplexity", {}).values()):
+        notes.append("KL: mean per-token KL(reference || model) of the next-token distributions on the same chunks "
+                     "(--reference).")
     partial = [r.get("name", "?") for r in results
                if r.get("average") is not None and len(r.get("average_over", [])) < len(PAPER_METRICS)]
     if partial:

@@ -81,6 +81,8 @@ class HealSettings:
     bridge_width: int | str = "auto"
     reconstruct_loss: str = "token"  # reconstruct: token (mean of per-token ratios) or total (ratio of sums)
     reconstruct_first_token: bool = True  # reconstruct: the first position (the attention sink) in the loss too
+    #: reconstruct: the first position's weight in the loss: "rest" (as much as the rest of its text) or a number
+    reconstruct_first_token_weight: float | str = "rest"
     bridge_inputs: str = "teacher"  # reconstruct: what a later bridge learns on, the teacher's or the student's states
     teacher_cache_gb: float = 4.0  # reconstruct: host memory for the teacher's states of seen examples (0: off)
     passes: float | None = None  # with steps: train on a seeded random subset that the steps go over this often

@@ -17,12 +17,16 @@ benchmarks/results/healing.md. A long run needs more: one bridge of two blocks f
 healed 8% worse than a bridge of three (``auto``).
 
 The first position of every sequence, where decoder LMs park a huge activation (the attention sink)
-that every later token attends to, is in the loss too, like any token (per-token relative error, so its
-size does not dominate). Left out (``--no-reconstruct-first-token``), nothing holds the bridges to it:
-on SmolLM2-135M, 780 steps at lr 3e-3 took the first bridge's relative error there from 0.04 to 0.997
-between steps 300 and 400 and WikiText-2 (first 20 chunks) from 82 to 158, while the error on the other
-tokens barely moved; with it in the loss the same run stayed at 0.001-0.003 there and kept improving
-(benchmarks/results/linear.md, "bf16 autocast and the attention sink").
+that every later token attends to, is in the loss too (per-token relative error, so its size does not
+dominate). Left out (``--no-reconstruct-first-token``), nothing holds the bridges to it: on SmolLM2-135M,
+780 steps at lr 3e-3 took the first bridge's relative error there from 0.04 to 0.997 between steps 300 and
+400 and WikiText-2 (first 20 chunks) from 82 to 158, while the error on the other tokens barely moved
+(benchmarks/results/linear.md, "bf16 autocast and the attention sink"). Weighted like any other token it
+is 1/128 of the loss, and that is not always enough: a run on Block Influence's blocks (seed 1, 825 steps)
+lost the sink by step 206 (relative error 0.94 there, norm 850 against the teacher's 23,800) while the
+mean validation error looked normal (0.033), and the healed model was as bad as the unhealed one
+(WikiText-2 151). So by default (``--reconstruct-first-token-weight rest``) the first position weighs as
+much as the rest of its text together: losing the sink then costs as much as failing every other token.
 
 The teacher's forward is most of a step's time (SmolLM2-135M, Block Influence's blocks, 8 x 128 tokens,
 one core: 2.1 of 3.3 s), and its result for an example never changes, so when the run sees an example
@@ -245,6 +249,18 @@ LOSSES = ("token", "total")
 BRIDGE_INPUTS = ("teacher", "student")
 
 
+#: ``first_token_weight``: the first position weighs as much as the rest of its text together.
+FIRST_TOKEN_REST = "rest"
+
+
+def check_first_token_weight(weight: float | str) -> None:
+    """A one-line error unless ``weight`` is "rest" or a positive number."""
+    if weight == FIRST_TOKEN_REST:
+        return
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise ShortenedError(f"the first token's weight must be '{FIRST_TOKEN_REST}' or a positive number, got {weight!r}")
+
+
 def check_options(width: int | str, loss: str = "token", inputs: str = "teacher") -> None:
     """Refuse a bridge width below 1 (other than ``auto``), an unknown loss or input (CLI names in the messages)."""
     if width != AUTO_WIDTH and not (isinstance(width, int) and not isinstance(width, bool) and width >= 1):
@@ -265,10 +281,13 @@ class ReconstructObjective:
     weights = (1.0,)
 
     def __init__(self, teacher: nn.Module, kept: Sequence[int], width: int | str = AUTO_WIDTH, loss: str = "token",
-                 cache_bytes: int = 0, inputs: str = "teacher", first_token: bool = True):
+                 cache_bytes: int = 0, inputs: str = "teacher", first_token: bool = True,
+                 first_token_weight: float | str = FIRST_TOKEN_REST):
         check_options(width, loss, inputs)
+        check_first_token_weight(first_token_weight)
         self.loss = loss
         self.first_token = first_token
+        self.first_token_weight = first_token_weight
         self.inputs = inputs
         self.cache = TeacherCache(cache_bytes) if cache_bytes > 0 else None
         self.teacher = teacher.eval().requires_grad_(False)
@@ -277,9 +296,15 @@ class ReconstructObjective:
         self.bridges = find_bridges(self.kept, self.num_teacher_blocks, width)
 
     def _mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["attention_mask"].clone()
+        """Each token's weight in the loss: the attention mask, with the first position (the attention
+        sink, module docstring) left out or weighted by ``first_token_weight``."""
+        mask = batch["attention_mask"].to(torch.float32)
         if not self.first_token:
-            mask[:, 0] = 0  # the attention-sink position (module docstring)
+            mask[:, 0] = 0
+        elif self.first_token_weight == FIRST_TOKEN_REST:
+            mask[:, 0] = mask[:, 0] * mask[:, 1:].sum(1).clamp_min(1)
+        else:
+            mask[:, 0] = mask[:, 0] * float(self.first_token_weight)
         return mask
 
     def counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -309,7 +334,7 @@ class ReconstructObjective:
         between = self._between() if self.inputs == "student" else []
         hidden, calls = self.teacher_states(batch, starts | ends, {self.kept[i] for b in self.bridges for i in b.blocks}
                                             | {self.kept[i] for run in between for i in run})
-        mask = self._mask(batch).to(torch.float32)
+        mask = self._mask(batch)
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
         previous = None
         for n, b in enumerate(self.bridges):
@@ -348,7 +373,8 @@ def _prepare(ctx: HealContext) -> Prepared:
     cache_gb = s.teacher_cache_gb if _data_repeats(ctx) else 0.0
     objective = ReconstructObjective(ctx.teacher, ctx.kept, s.bridge_width, s.reconstruct_loss,
                                      cache_bytes=int(cache_gb * 2**30), inputs=s.bridge_inputs,
-                                     first_token=s.reconstruct_first_token)
+                                     first_token=s.reconstruct_first_token,
+                                     first_token_weight=s.reconstruct_first_token_weight)
     extra: dict[str, Any] = {"trained_bridges": [b.to_dict(objective.kept) for b in objective.bridges]}
     if objective.cache is not None:
         extra["teacher_cache"] = objective.cache.stats  # read after training
