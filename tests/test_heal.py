@@ -828,3 +828,14 @@ def test_cli_reconstruct_from_pruned_folder(tmp_path, capsys):
     assert changed and all(k.startswith("model.layers.2.") for k in changed), changed  # kept[2] == 2: the bridge
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
     assert len(reloaded.model.layers) == 4
+
+
+@pytest.mark.parametrize("value", ["-2", "0", "abc"])
+def test_cli_refuses_a_bad_first_token_weight_before_loading(value, tmp_path, capsys):
+    from shortened import cli
+
+    with pytest.raises(SystemExit) as exc:  # argparse's error: before any model is loaded
+        cli.main(["heal", str(tmp_path / "no-model"), "--method", "reconstruct", "--data", str(tmp_path),
+                  "--out", str(tmp_path / "out"), "--reconstruct-first-token-weight", value])
+    assert exc.value.code == 2
+    assert "--reconstruct-first-token-weight" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -40,8 +40,12 @@ def bridge_width(value: str) -> int | str:
 
 
 def first_token_weight(value: str) -> float | str:
-    """``--reconstruct-first-token-weight``: ``rest`` or a number (checked by the method, with a one-line message)."""
-    return value if value == "rest" else float(value)
+    """``--reconstruct-first-token-weight``: ``rest`` or a positive number (argparse's one-line error otherwise)."""
+    if value == "rest":
+        return value
+    if not float(value) > 0:
+        raise argparse.ArgumentTypeError(f"must be 'rest' or a positive number, got {value}")
+    return float(value)
 
 
 def _method_defaults(name: str) -> str:
