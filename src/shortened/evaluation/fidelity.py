@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.loss import ppl_from_mean_nll, token_nll
+from ..engine.loss import ppl_from_mean_nll
 from ..errors import ShortenedError
-from .perplexity import POSITIONS_PER_SLICE, input_device, set_chunks
+from .perplexity import chunk_batches, input_device, scored_slices, set_chunks
 
 __all__ = ["kl_sums", "fidelity_on"]
 
@@ -33,36 +33,23 @@ def kl_sums(model: nn.Module, reference: nn.Module, chunks: torch.Tensor, *, bos
 
     The two models need the same vocabulary (a pruned model and its source have it).
     """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ShortenedError(f"batch size must be positive, got {batch_size}")
     sums = {"kl": 0.0, "nll": 0.0, "reference_nll": 0.0, "tokens": 0}
-    bar = tqdm(total=chunks.shape[0], desc=desc, unit="chunk", disable=not progress, leave=False)
-    for start in range(0, chunks.shape[0], batch_size):
-        batch = chunks[start:start + batch_size]
-        if bos_token_id is not None:
-            batch = torch.cat([torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype), batch], dim=1)
+    for batch in chunk_batches(chunks, bos_token_id=bos_token_id, batch_size=batch_size, progress=progress,
+                               desc=desc):
         logits = model(input_ids=batch.to(input_device(model)), use_cache=False).logits
         ref_logits = reference(input_ids=batch.to(input_device(reference)), use_cache=False).logits
         if logits.shape[-1] != ref_logits.shape[-1]:
             raise ShortenedError(f"the model's vocabulary ({logits.shape[-1]}) differs from the reference's "
                                  f"({ref_logits.shape[-1]}): the KL needs the same one")
-        # As in perplexity: float64 over slices of positions (an fp32 log-softmax over a large
-        # vocabulary drifts by ~1e-5 relative, and the KL is a small difference of such terms).
         for row in range(batch.shape[0]):
-            for lo in range(0, batch.shape[1] - 1, POSITIONS_PER_SLICE):
-                hi = min(lo + POSITIONS_PER_SLICE, batch.shape[1] - 1)
-                target = batch[row, lo + 1:hi + 1]
-                q = logits[row, lo:hi].to("cpu", torch.float64)
-                p = ref_logits[row, lo:hi].to("cpu", torch.float64)
-                log_q, log_p = q.log_softmax(-1), p.log_softmax(-1)
+            for lo, hi in scored_slices(batch.shape[1]):
+                target = batch[row, lo + 1:hi + 1, None]
+                log_q = logits[row, lo:hi].to("cpu", torch.float64).log_softmax(-1)
+                log_p = ref_logits[row, lo:hi].to("cpu", torch.float64).log_softmax(-1)
                 sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
-                sums["nll"] += token_nll(q, target.cpu()).sum().item()
-                sums["reference_nll"] += token_nll(p, target.cpu()).sum().item()
+                sums["nll"] -= log_q.gather(-1, target).sum().item()
+                sums["reference_nll"] -= log_p.gather(-1, target).sum().item()
                 sums["tokens"] += target.numel()
-        bar.update(batch.shape[0])
-    bar.close()
     return sums
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from .sources import PPL_SETS, ROW_SEPARATOR, ppl_rows, read_text_file
 __all__ = ["load_ppl_text", "perplexity", "perplexity_on", "tokenize_text"]
 
 # Positions whose float64 token NLL is taken at once (256 x 49152 vocab x 8 bytes = 100 MB).
-POSITIONS_PER_SLICE = 256
+_POSITIONS_PER_SLICE = 256
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -51,38 +52,50 @@ def chunk_tokens(token_ids: torch.Tensor, seq_len: int, limit: int | None = None
     return token_ids[: n_chunks * seq_len].view(n_chunks, seq_len)
 
 
-@torch.no_grad()
-def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None = None,
-            batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
-    """Summed next-token NLL (float64) and the number of scored tokens over ``chunks`` (n, seq_len)."""
+def chunk_batches(chunks: torch.Tensor, *, bos_token_id: int | None = None, batch_size: int = 8,
+                  progress: bool = True, desc: str = "perplexity") -> Iterator[torch.Tensor]:
+    """``chunks`` (n, seq_len), ``batch_size`` at a time, a BOS put before each chunk when ``bos_token_id``
+    is given, with a progress bar over the chunks."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ShortenedError(f"batch size must be positive, got {batch_size}")
-    device = input_device(model)
-    total, count = 0.0, 0
-    n = chunks.shape[0]
-    bar = tqdm(total=n, desc=desc, unit="chunk", disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
+    bar = tqdm(total=chunks.shape[0], desc=desc, unit="chunk", disable=not progress, leave=False)
+    for start in range(0, chunks.shape[0], batch_size):
         batch = chunks[start:start + batch_size]
         if bos_token_id is not None:
-            bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype)
-            batch = torch.cat([bos, batch], dim=1)
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        # Position t predicts token t+1; every chunk is full length, so no padding is involved and
-        # the batch size cannot change which tokens are scored. The token NLL runs in float64 (an
-        # fp32 log-sum-exp over a large vocabulary drifts by ~1e-5 relative), over slices of
-        # positions so that the float64 copy stays small for long chunks.
-        for row in range(batch.shape[0]):
-            for lo in range(0, batch.shape[1] - 1, POSITIONS_PER_SLICE):
-                hi = min(lo + POSITIONS_PER_SLICE, batch.shape[1] - 1)
-                pred = logits[row, lo:hi].double()
-                target = batch[row, lo + 1:hi + 1]
-                total += token_nll(pred, target).sum().item()
-                count += target.numel()
+            batch = torch.cat([torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype), batch], dim=1)
+        yield batch
         bar.update(batch.shape[0])
     bar.close()
+
+
+def scored_slices(length: int) -> Iterator[tuple[int, int]]:
+    """``(lo, hi)``: the predicting positions of a ``length``-token row, ``_POSITIONS_PER_SLICE`` at a time.
+
+    Position t predicts token t+1; every chunk is full length, so no padding is involved and the batch
+    size cannot change which tokens are scored. Scores run in float64 (an fp32 log-sum-exp over a large
+    vocabulary drifts by ~1e-5 relative), one slice at a time so that the float64 copy stays small.
+    """
+    for lo in range(0, length - 1, _POSITIONS_PER_SLICE):
+        yield lo, min(lo + _POSITIONS_PER_SLICE, length - 1)
+
+
+@torch.no_grad()
+def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None = None,
+            batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """Summed next-token NLL (float64) and the number of scored tokens over ``chunks`` (n, seq_len)."""
+    device = input_device(model)
+    total, count = 0.0, 0
+    for batch in chunk_batches(chunks, bos_token_id=bos_token_id, batch_size=batch_size, progress=progress,
+                               desc=desc):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row in range(batch.shape[0]):
+            for lo, hi in scored_slices(batch.shape[1]):
+                target = batch[row, lo + 1:hi + 1]
+                total += token_nll(logits[row, lo:hi].double(), target).sum().item()
+                count += target.numel()
     return total, count
 
 
