@@ -78,12 +78,33 @@ def setting_value(text: str):
         return text
 
 
-def data_path(name: str, data_dir: Path, work: Path) -> str:
+HELD_OUT_MARGIN = 512  # tokens skipped past the last scored chunk, so no healing text is near a scored one
+
+
+def data_path(name: str, data_dir: Path, work: Path, tokenizer=None, ppl_limit: int | None = None) -> str:
+    """The healing data of a run: ``alpaca``, ``books``, ``ptb-test`` (PTB's test sentences: the perplexity
+    reads the validation split), ``wikitext2-rest`` (WikiText-2 test after the first ``ppl_limit`` chunks
+    and a margin: in the domain of the perplexity text, none of its scored tokens), or a path."""
     if name == "alpaca":
         return str(data_dir / "alpaca" / "alpaca_data_2k_subset.json")
     if name == "books":  # the four Gutenberg novels (headers stripped by the reader)
         return str(data_dir / "gutenberg")
-    raise ValueError(name)
+    if name == "ptb-test":
+        return str(data_dir / "ptb" / "ptb.test.txt")
+    if name == "wikitext2-rest":
+        from shortened.evaluation.perplexity import load_ppl_text
+
+        path = work / "wikitext2-rest.txt"
+        if not path.exists():
+            text = load_ppl_text("wikitext2", data_dir)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            skip = ppl_limit * 128 + HELD_OUT_MARGIN
+            # Cut the text where the decoded prefix ends: the scored chunks are the first ppl_limit x 128 tokens.
+            path.write_text(text[len(tokenizer.decode(ids[:skip])):], encoding="utf-8")
+        return str(path)
+    if Path(name).exists():
+        return name
+    raise SystemExit(f"unknown healing data {name!r}: alpaca, books, ptb-test, wikitext2-rest or a path")
 
 
 def evaluate(model, tokenizer, data_dir: Path, ppl_limit: int, zs_limit: int | None,
@@ -138,12 +159,17 @@ def main() -> int:
                    help="override a setting, e.g. distill-lora.lr=1e-3 (repeatable)")
     p.add_argument("--save-dir", type=Path, default=None,
                    help="save each healed model under DIR/METHOD (a plain Hugging Face folder) for later evaluation")
+    p.add_argument("--heal-data", default=None, metavar="DATA",
+                   help="heal every run on this data instead of its own: ptb-test, wikitext2-rest (WikiText-2 test "
+                        "after the scored chunks; not with --full-ppl), books, alpaca or a path")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/healing.json"))
     p.add_argument("--skip-baselines", action="store_true", help="do not evaluate the dense and pruned models")
     p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model")
     p.add_argument("--blocks", default=",".join(map(str, REMOVED)),
                    help="blocks to remove before healing (default: the issue's PPL-criterion choice)")
     args = p.parse_args()
+    if args.heal_data == "wikitext2-rest" and (args.full_ppl or args.ppl_limit is None):
+        p.error("--heal-data wikitext2-rest heals on the WikiText-2 chunks after --ppl-limit: not with --full-ppl")
     torch.set_num_threads(args.threads)
     runs = {k: (m, d, dict(s)) for k, (m, d, s) in RUNS.items()}
     for item in args.set:
@@ -185,7 +211,7 @@ def main() -> int:
             training_left = sum(get_method(runs[p][0]).trains for p in phases[k:])
             common = dict(val_fraction=0.02, warmup_steps=args.warmup, progress=True, seed=0)
             common.update(settings)
-            spec = data_path(data, args.data_dir, work)
+            spec = data_path(args.heal_data or data, args.data_dir, work, tok, args.ppl_limit)
             dataset = load_healing_data(spec, tok, seq_len=common["seq_len"], val_fraction=common["val_fraction"],
                                         seed=common["seed"])
             dataset.val = dataset.val[:args.val_examples]
