@@ -8,7 +8,8 @@ capped by ``max_time``), run one after another on the same machine. A chain ``a+
 each training phase gets an equal share of what the phases before it left; a training-free phase
 (``linear-books``) takes no share, its measured time (fit, loading included) is taken from the budget.
 A run with ``passes`` (reconstruct's teacher cache) is planned from a probe that times a first-pass step
-and a later-pass step. Results go to
+and a later-pass step. ``--heal-data`` heals every run on one text instead of each run's own (the text of
+the evaluation's domain, ``wikitext2-rest``, leaves out the chunks the perplexity scores). Results go to
 ``--results`` (JSON, with settings and library versions) and are printed as a Markdown table.
 """
 
@@ -78,6 +79,7 @@ def setting_value(text: str):
         return text
 
 
+HEAL_DATA_NAMES = ("books", "alpaca", "ptb-test", "wikitext2-rest")
 HELD_OUT_MARGIN = 512  # tokens skipped past the last scored chunk, so no healing text is near a scored one
 
 
@@ -104,7 +106,7 @@ def data_path(name: str, data_dir: Path, work: Path, tokenizer=None, ppl_limit: 
         return str(path)
     if Path(name).exists():
         return name
-    raise SystemExit(f"unknown healing data {name!r}: alpaca, books, ptb-test, wikitext2-rest or a path")
+    raise ValueError(name)
 
 
 def evaluate(model, tokenizer, data_dir: Path, ppl_limit: int, zs_limit: int | None,
@@ -168,7 +170,9 @@ def main() -> int:
     p.add_argument("--blocks", default=",".join(map(str, REMOVED)),
                    help="blocks to remove before healing (default: the issue's PPL-criterion choice)")
     args = p.parse_args()
-    if args.heal_data == "wikitext2-rest" and (args.full_ppl or args.ppl_limit is None):
+    if args.heal_data and args.heal_data not in HEAL_DATA_NAMES and not Path(args.heal_data).exists():
+        p.error(f"--heal-data {args.heal_data!r}: use {', '.join(HEAL_DATA_NAMES)} or an existing path")
+    if args.heal_data == "wikitext2-rest" and args.full_ppl:
         p.error("--heal-data wikitext2-rest heals on the WikiText-2 chunks after --ppl-limit: not with --full-ppl")
     torch.set_num_threads(args.threads)
     runs = {k: (m, d, dict(s)) for k, (m, d, s) in RUNS.items()}
