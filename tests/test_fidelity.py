@@ -77,6 +77,7 @@ def test_model_against_itself_and_perplexity_agree(dense, pruned, smollm2_tokeni
     assert r["n_chunks"] == ppl["n_chunks"] == 3 and r["n_tokens"] == ppl["n_tokens"]
     assert r["ppl"] == pytest.approx(ppl["value"], rel=1e-12)
     assert r["reference_ppl"] == pytest.approx(dense_ppl["value"], rel=1e-12)
+    assert r["settings"] == ppl["settings"]  # an entry with the KL reproduces like a plain perplexity entry
 
 
 def test_vocabulary_mismatch_is_an_error(dense, smollm2_tokenizer):

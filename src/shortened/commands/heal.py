@@ -41,11 +41,15 @@ def bridge_width(value: str) -> int | str:
 
 def first_token_weight(value: str) -> float | str:
     """``--reconstruct-first-token-weight``: ``rest`` or a positive number (argparse's one-line error otherwise)."""
-    if value == "rest":
-        return value
-    if not float(value) > 0:
-        raise argparse.ArgumentTypeError(f"must be 'rest' or a positive number, got {value}")
-    return float(value)
+    from ..errors import ShortenedError
+    from ..heal.reconstruct import FIRST_TOKEN_REST, check_first_token_weight
+
+    weight = value if value == FIRST_TOKEN_REST else float(value)
+    try:
+        check_first_token_weight(weight)
+    except ShortenedError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return weight
 
 
 def _method_defaults(name: str) -> str:

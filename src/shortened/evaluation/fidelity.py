@@ -20,7 +20,7 @@ from torch import nn
 
 from ..engine.loss import ppl_from_mean_nll
 from ..errors import ShortenedError
-from .perplexity import chunk_batches, input_device, scored_slices, set_chunks
+from .perplexity import chunk_batches, input_device, scored_slices, set_chunks, set_settings
 
 __all__ = ["kl_sums", "fidelity_on"]
 
@@ -70,7 +70,7 @@ def fidelity_on(
 
     Returns ``{"kl", "ppl", "reference_ppl", "n_chunks", "n_tokens", "seconds", "settings"}``.
     """
-    _, chunks, bos_id = set_chunks(tokenizer, name, data_dir=data_dir, seq_len=seq_len, bos=bos, limit=limit)
+    ids, chunks, bos_id = set_chunks(tokenizer, name, data_dir=data_dir, seq_len=seq_len, bos=bos, limit=limit)
     start = time.perf_counter()
     s = kl_sums(model, reference, chunks, bos_token_id=bos_id, batch_size=batch_size, progress=progress,
                 desc=f"fidelity {os.path.basename(name) or name}")
@@ -82,5 +82,6 @@ def fidelity_on(
         "n_chunks": int(chunks.shape[0]),
         "n_tokens": n,
         "seconds": round(time.perf_counter() - start, 2),
-        "settings": {"set": name, "seq_len": seq_len, "batch_size": batch_size, "bos": bos, "limit": limit},
+        "settings": set_settings(name, data_dir, ids, bos_id, seq_len=seq_len, batch_size=batch_size, bos=bos,
+                                 limit=limit),
     }

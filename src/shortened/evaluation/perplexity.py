@@ -152,6 +152,23 @@ def set_chunks(tokenizer: Any, name: str, *, data_dir: str | os.PathLike | None,
     return ids, chunk_tokens(ids, seq_len, limit), bos_id
 
 
+def set_settings(name: str, data_dir: str | os.PathLike | None, ids: torch.Tensor, bos_id: int | None, *,
+                 seq_len: int, batch_size: int, bos: bool, limit: int | None) -> dict[str, Any]:
+    """What reproduces a measurement on a set (from :func:`set_chunks`): where its text came from and how it
+    was cut and batched."""
+    return {
+        "set": name,
+        "source": "local" if data_dir is not None or name not in PPL_SETS else "hub",
+        "data_dir": str(data_dir) if data_dir is not None and name in PPL_SETS else None,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "bos": bos,
+        "bos_token_id": bos_id,
+        "limit": limit,
+        "text_tokens": int(ids.numel()),
+    }
+
+
 def perplexity_on(
     model: nn.Module,
     tokenizer: Any,
@@ -178,15 +195,6 @@ def perplexity_on(
         "n_chunks": int(chunks.shape[0]),
         "n_tokens": count,
         "seconds": round(time.perf_counter() - start, 2),
-        "settings": {
-            "set": name,
-            "source": "local" if data_dir is not None or name not in PPL_SETS else "hub",
-            "data_dir": str(data_dir) if data_dir is not None and name in PPL_SETS else None,
-            "seq_len": seq_len,
-            "batch_size": batch_size,
-            "bos": bos,
-            "bos_token_id": bos_id,
-            "limit": limit,
-            "text_tokens": int(ids.numel()),
-        },
+        "settings": set_settings(name, data_dir, ids, bos_id, seq_len=seq_len, batch_size=batch_size, bos=bos,
+                                 limit=limit),
     }
