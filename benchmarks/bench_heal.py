@@ -94,12 +94,12 @@ def data_path(name: str, data_dir: Path, work: Path, tokenizer=None, ppl_limit: 
     if name == "ptb-test":
         return str(data_dir / "ptb" / "ptb.test.txt")
     if name == "wikitext2-rest":
-        from shortened.evaluation.perplexity import load_ppl_text
+        from shortened.evaluation.perplexity import load_ppl_text, tokenize_text
 
         path = work / "wikitext2-rest.txt"
         if not path.exists():
             text = load_ppl_text("wikitext2", data_dir)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenize_text(tokenizer, text)  # the evaluation's own tokenization
             skip = ppl_limit * 128 + HELD_OUT_MARGIN
             # Cut the text where the decoded prefix ends: the scored chunks are the first ppl_limit x 128 tokens.
             path.write_text(text[len(tokenizer.decode(ids[:skip])):], encoding="utf-8")

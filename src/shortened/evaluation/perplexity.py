@@ -61,13 +61,15 @@ def chunk_batches(chunks: torch.Tensor, *, bos_token_id: int | None = None, batc
     if batch_size < 1:
         raise ShortenedError(f"batch size must be positive, got {batch_size}")
     bar = tqdm(total=chunks.shape[0], desc=desc, unit="chunk", disable=not progress, leave=False)
-    for start in range(0, chunks.shape[0], batch_size):
-        batch = chunks[start:start + batch_size]
-        if bos_token_id is not None:
-            batch = torch.cat([torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype), batch], dim=1)
-        yield batch
-        bar.update(batch.shape[0])
-    bar.close()
+    try:  # the bar is closed also when the caller stops early or raises (e.g. a vocabulary mismatch)
+        for start in range(0, chunks.shape[0], batch_size):
+            batch = chunks[start:start + batch_size]
+            if bos_token_id is not None:
+                batch = torch.cat([torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype), batch], dim=1)
+            yield batch
+            bar.update(batch.shape[0])
+    finally:
+        bar.close()
 
 
 def scored_slices(length: int) -> Iterator[tuple[int, int]]:
