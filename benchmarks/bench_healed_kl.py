@@ -149,7 +149,7 @@ def main() -> int:
         print(f"  bridge {key}: error {errors[0]:.4f} -> {errors[-1]:.4f}", flush=True)
         return trained[key]
 
-    def kl(removed: tuple[int, ...], healed: dict[int, torch.nn.Module], caps, targets) -> tuple[float, float]:
+    def measure(removed: tuple[int, ...], healed: dict[int, torch.nn.Module], caps, targets) -> tuple[float, float]:
         """Mean KL(dense || pruned) and the pruned model's perplexity on one held-out text."""
         kept = [i for i in range(L) if i not in removed]
         total = nll = count = 0.0
@@ -169,15 +169,15 @@ def main() -> int:
         healed: dict[int, torch.nn.Module] = {}
         for b in find_bridges(kept, L, width):
             healed.update(heal_bridge(kept, b))
-        one_shot = {t: kl(removed, {}, *held[t]) for t in held}
-        after = {t: kl(removed, healed, *held[t]) for t in held}
+        one_shot = {t: measure(removed, {}, *held[t]) for t in held}
+        after = {t: measure(removed, healed, *held[t]) for t in held}
         rows[name] = {"removed": list(removed),
                       "one_shot": {t: v[0] for t, v in one_shot.items()},
                       "healed": {t: v[0] for t, v in after.items()},
                       "one_shot_ppl": {t: v[1] for t, v in one_shot.items()},
                       "healed_ppl": {t: v[1] for t, v in after.items()}}
         print(f"{name}: {rows[name]}", flush=True)
-    dense_ppl = {t: kl((), {}, *held[t])[1] for t in held}
+    dense_ppl = {t: measure((), {}, *held[t])[1] for t in held}
     out = {"command": command, "created": now_iso(), "versions": library_versions(), "steps": args.steps,
            "width": args.width, "lr": args.lr, "dense_ppl": dense_ppl,
            "n_train": args.n_train, "n_held": args.n_held, "threads": torch.get_num_threads(),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shlex
 import sys
@@ -59,7 +58,7 @@ def main() -> int:
     p.add_argument("--text", default="ptb", help="the perplexity set of --ppl-of: wikitext2, ptb or a text file")
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
-    if not (args.data_dir / "gutenberg").is_dir():
+    if not args.ppl_of and not (args.data_dir / "gutenberg").is_dir():
         print(f"error: no book text under {args.data_dir} (see ../shared/data/README.md)", file=sys.stderr)
         return 2
 
@@ -67,7 +66,7 @@ def main() -> int:
     from shortened.data import calibration_data
     from shortened.engine import Engine
     from shortened.evaluation.perplexity import set_chunks
-    from shortened.io import library_versions, now_iso
+    from shortened.io import library_versions, now_iso, write_json
     from shortened.search import SetFitness
 
     model, tok = load_model(args.model, dtype="float32", device="cpu")
@@ -77,12 +76,8 @@ def main() -> int:
         return ",".join(map(str, s))
 
     def write(out: dict) -> None:
-        out = {"command": command, "created": now_iso(), "versions": library_versions(),
-               "threads": torch.get_num_threads(), **out}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, args.json)
+        write_json(args.json, {"command": command, "created": now_iso(), "versions": library_versions(),
+                               "threads": torch.get_num_threads(), **out})
 
     if args.ppl_of:
         chosen = [tuple(sorted(int(b) for b in item.split(","))) for item in args.ppl_of.split(";") if item]
