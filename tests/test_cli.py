@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from shortened.cli import main
@@ -55,6 +56,27 @@ def test_prune_writes_a_plain_model(tiny_folder, tmp_path, capsys):
     assert code == 0
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == N_LAYERS - 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("offload", [None, "disk"])
+def test_pruning_a_pruned_model_records_original_indices(offload, tiny_folder, tmp_path, capsys):
+    """--blocks counts the input's present blocks; pruning.json stays against the original model (its
+    source, its block indices), so later healing takes the original as teacher and the chain is kept."""
+    first, second = tmp_path / "p1", tmp_path / "p2"
+    assert run_cli(capsys, "prune", str(tiny_folder), "--blocks", "1,3", "--out", str(first))[0] == 0
+    more = ["--offload", offload] if offload else []
+    code, stdout, _ = run_cli(capsys, "prune", str(first), "--blocks", "2", *more, "--out", str(second))
+    assert code == 0 and "removed blocks [2] of 4" in stdout and "[1, 3, 4] removed" in stdout, stdout
+    record = json.loads((second / "pruning.json").read_text())
+    assert record["source"] == str(tiny_folder) and record["original_num_blocks"] == N_LAYERS
+    assert record["removed_blocks"] == [1, 3, 4] and record["kept_blocks"] == [0, 2, 5]
+    assert record["previous"]["model"] == str(first) and record["previous"]["removed_blocks"] == [1, 3]
+    original = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    pruned = AutoModelForCausalLM.from_pretrained(second)
+    for new, old in enumerate(record["kept_blocks"]):
+        for (name, a), (_, b) in zip(pruned.model.layers[new].named_parameters(),
+                                     original.model.layers[old].named_parameters()):
+            assert torch.equal(a, b), (new, old, name)
 
 
 def _corrupt_copy(src: Path, dst: Path, how: str) -> Path:
@@ -116,6 +138,37 @@ def test_prune_bad_input_one_line_error_nothing_written(case, message, tiny_fold
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "something was written"
     if case == "existing_out":
         assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "{model}", "--device", "bogus"], "unknown device 'bogus'"),
+    (["info", "{model}", "--device", "cuda:99"], "--device cuda:99"),
+    (["prune", "{model}", "--scores", "{model}", "--num-blocks", "1", "--out", "{tmp}/p"], "is a folder, not a JSON file"),
+    (["eval", "--compare", "{model}"], "is a folder, not a JSON file"),
+    (["score", "{model}", "--criterion", "magnitude", "--batch-size", "0", "--out", "{tmp}/s.json"],
+     "--batch-size must be at least 1"),
+    (["generate", "{model}", "--prompt", "Hi", "--sample", "--temperature", "0"], "--temperature must be positive"),
+    (["generate", "{model}", "--prompt", "Hi", "--sample", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["generate", "{model}", "--prompt", "Hi", "--temperature", "0.2"], "add --sample"),
+    (["generate", "{model}", "--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "{model}", "--prompt", "Hi", "--compare", "{tmp}/nowhere/model"], "does not exist"),
+    (["bench", "{model}", "--output-lens", "9000", "--prompt-len", "4", "--out", "{tmp}/b.json"],
+     "more than the model's limit"),
+    (["prune", "{model}", "--blocks", "3", "--calib", "self", "--out", "{tmp}/p"], "--calib chooses blocks by score"),
+    (["heal", "{model}", "--method", "lora", "--bridge-width", "3", "--data", "alpaca", "--out", "{tmp}/h"],
+     "--bridge-width applies to --method reconstruct"),
+    (["heal", "{model}", "--method", "reconstruct", "--lora-r", "4", "--data", "alpaca", "--out", "{tmp}/h"],
+     "--lora-r applies to --method lora"),
+    (["heal", "{model}", "--method", "full", "--teacher", "{model}", "--data", "alpaca", "--out", "{tmp}/h"],
+     "--teacher applies to methods"),
+    (["run", "{model}", "--heal", "none", "--heal-steps", "5", "--out", "{tmp}/r"], "--heal none turns it off"),
+])
+def test_more_mistakes_are_one_line_errors(argv, message, tiny_folder, tmp_path, capsys):
+    """Each fails before any model is loaded or any text generated, with one line and status 2."""
+    argv = [a.replace("{model}", str(tiny_folder)).replace("{tmp}", str(tmp_path)) for a in argv]
+    code, stdout, stderr = run_cli(capsys, *argv)
+    assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
+    assert stdout == "" and not list(tmp_path.iterdir()), "something was generated or written"
 
 
 def test_console_script_exit_code(tmp_path):

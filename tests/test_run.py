@@ -98,6 +98,63 @@ def test_run_bad_input(case, message, tiny_with_tokenizer, tmp_path, capsys):
         assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--eval", "bogus"], "unknown perplexity set 'bogus'"),
+    (["--eval", "wikitext2,hellaswg"], "unknown perplexity set 'hellaswg'"),
+    (["--eval-limit", "0"], "--eval-limit must be a positive number"),
+    (["--heal", "reconstruct", "--heal-data", "{tmp}/missing"], "data path not found"),
+    (["--heal", "reconstruct", "--heal-data", "{tmp}/binary.txt"], "is not text"),
+    (["--heal", "reconstruct", "--heal-steps", "0"], "--heal-steps must be at least 1"),
+    (["--heal", "reconstruct", "--heal-lr", "-1"], "--heal-lr must be positive"),
+    (["--calib", "{tmp}/missing"], "calibration source"),
+    (["--calib", "{tmp}/binary.txt"], "is not text"),
+    (["--calib", "{tmp}/empty.txt"], "is empty"),
+    (["--bench", "0"], "batch size must be at least 1"),
+    (["--bench-output-lens", "0"], "output length must be at least 1"),
+    (["--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--device", "bogus"], "unknown device 'bogus'"),
+])
+def test_run_refuses_late_stage_mistakes_before_any_work(extra, message, tiny_with_tokenizer, tmp_path, capsys):
+    """Options only a later stage reads (evaluation, healing, benchmark) fail before the first stage: a typo
+    must not surface after hours of scoring and healing, and no output folder is left behind."""
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "empty.txt").write_text("\n")
+    out = tmp_path / "out"
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    code = main(["run", str(tiny_with_tokenizer), "--criterion", "bi", "--num-blocks", "1", "--heal", "none",
+                 *extra, "--out", str(out)])  # a --heal in extra comes later, and wins
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err, captured.err
+    assert "Traceback" not in captured.err and "running" not in captured.out
+    assert not out.exists()
+
+
+def test_a_failed_run_keeps_finished_stages_only(tiny_with_tokenizer, tmp_path, capsys, monkeypatch):
+    """A run that fails after a stage finished keeps it (the same command resumes), and says so; one that
+    fails before any stage finished leaves no folder."""
+    from shortened import pipeline
+
+    def broken(self, final):
+        raise pipeline.ShortenedError("the benchmark broke")
+
+    monkeypatch.setattr(pipeline.Pipeline, "benchmark", broken)
+    out = tmp_path / "out"
+    argv = ["run", str(tiny_with_tokenizer), "--criterion", "bi", "--num-blocks", "1", "--heal", "none",
+            "--calib", "self", "--n-samples", "2", "--seq-len", "16", "--eval", "none", "--out", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "the benchmark broke" in captured.err and "the same command resumes" in captured.out
+    assert (out / "stages" / "pruned" / "stage.json").is_file()
+
+    def broken_early(self):
+        raise pipeline.ShortenedError("the scoring broke")
+
+    monkeypatch.setattr(pipeline.Pipeline, "pruned", broken_early)
+    fresh = tmp_path / "fresh"
+    assert main([*argv[:-1], str(fresh)]) == 2
+    assert "the scoring broke" in capsys.readouterr().err and not fresh.exists()
+
+
 def test_push_to_hub_uploads_the_folder_without_stages(tmp_path, monkeypatch, capsys):
     """The upload itself is the Hub's; what is ours: which folder, which repo, what is left out, and a
     one-line error (naming the finished folder) when the upload fails."""

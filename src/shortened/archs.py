@@ -247,7 +247,13 @@ def num_blocks(model: nn.Module, spec: ArchSpec | None = None) -> int:
 def position_limit(model: nn.Module, spec: ArchSpec | None = None) -> int | None:
     """The longest sequence ``model``'s position embeddings cover, or None when its config does not say."""
     spec = spec or get_arch(model)
-    limit = getattr(model.config, spec.position_limit_field, None)
+    return config_position_limit(model.config, spec)
+
+
+def config_position_limit(config: Any, spec: ArchSpec | None = None) -> int | None:
+    """:func:`position_limit` from a config alone (no weights loaded); unknown types use the usual field."""
+    spec = spec or _BY_TYPE.get(getattr(config, "model_type", None))
+    limit = getattr(config, spec.position_limit_field if spec else "max_position_embeddings", None)
     return limit if isinstance(limit, int) and limit > 0 else None
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .archs import get_arch, get_blocks, get_submodule
+from .errors import ShortenedError
 
 
 @dataclass
@@ -43,9 +44,9 @@ class BenchPoint:
     output_len: int
     latency_s: Timing            # full generation, prompt to last token
     prefill_s: Timing            # prompt forward + first token
-    decode_s: float              # median latency - median prefill
+    decode_s: float | None       # median latency - median prefill; None when not measurable (see _decode)
     throughput_tok_s: float      # generated tokens / median latency
-    decode_tok_s: float          # tokens after the first / decode time
+    decode_tok_s: float | None   # tokens after the first / decode time
     peak_memory_mb: float        # CUDA peak allocated, or process peak RSS on CPU
     memory_kind: str
 
@@ -194,13 +195,22 @@ def _measure(
             for role in roles:
                 peak, kind = runners[role].end_point()
                 lat, pre = summarize(total[role]), summarize(prefill[role])
-                decode = max(lat.median - pre.median, 1e-9)
+                decode = _decode(lat.median, pre.median, out_len)
                 points[role].append(BenchPoint(
                     batch_size=bs, prompt_len=prompt_len, output_len=out_len, latency_s=lat, prefill_s=pre,
                     decode_s=decode, throughput_tok_s=bs * out_len / lat.median,
-                    decode_tok_s=bs * (out_len - 1) / decode, peak_memory_mb=peak, memory_kind=kind,
+                    decode_tok_s=None if decode is None else bs * (out_len - 1) / decode,
+                    peak_memory_mb=peak, memory_kind=kind,
                 ))
     return points
+
+
+def _decode(latency: float, prefill: float, out_len: int) -> float | None:
+    """Decode time, the difference of two medians; None when there is nothing to decode or the difference
+    is lost in the noise (below 10% of the latency: a prefill timed slower than most whole runs)."""
+    if out_len < 2 or latency - prefill < 0.1 * latency:
+        return None
+    return latency - prefill
 
 
 def bench_model(
@@ -249,7 +259,7 @@ def compare(pruned: list[BenchPoint], baseline: list[BenchPoint]) -> list[dict[s
             "batch_size": p.batch_size, "output_len": p.output_len,
             "throughput_ratio": p.throughput_tok_s / b.throughput_tok_s,
             "latency_ratio": p.latency_s.median / b.latency_s.median,
-            "decode_speedup": b.decode_s / p.decode_s,
+            "decode_speedup": None if b.decode_s is None or p.decode_s is None else b.decode_s / p.decode_s,
             "prefill_speedup": b.prefill_s.median / p.prefill_s.median,
             "memory_ratio": p.peak_memory_mb / b.peak_memory_mb,
             # Interleaved (the default), repeat k of each model ran back to back: these show the run-to-run noise.
@@ -356,6 +366,40 @@ class _ProcessRunner:
         self._conn.close()
 
 
+def check_settings(batch_sizes: Sequence[int], output_lens: Sequence[int], *, prompt_len: int = 32,
+                   repeats: int = 3, warmup: int = 1, threads: int | None = None) -> None:
+    """Refuse benchmark settings that cannot be measured, with one line, before any model is loaded."""
+    for name, values in (("batch size", batch_sizes), ("output length", output_lens), ("prompt length", [prompt_len]),
+                         ("repeats", [repeats]), ("threads", [1 if threads is None else threads])):
+        if not values:
+            raise ShortenedError(f"no {name} given")
+        if min(values) < 1:
+            raise ShortenedError(f"{name} must be at least 1, got {min(values)}")
+    if warmup < 0:
+        raise ShortenedError(f"warm-up runs must be >= 0, got {warmup}")
+
+
+def check_context(spec: str, tokens: int, load_kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse a prompt plus output longer than the position limit of the local model folder ``spec`` (read
+    from its config: generation would fail or crawl far into the run). Hub ids are left to the load."""
+    import os
+
+    from transformers import AutoConfig
+
+    from .archs import config_position_limit
+
+    if not os.path.isdir(spec):
+        return
+    try:
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=(load_kwargs or {}).get("trust_remote_code", False))
+    except (OSError, ValueError, KeyError):
+        return  # the load itself says what is wrong with the folder
+    limit = config_position_limit(config)
+    if limit is not None and tokens > limit:
+        raise ShortenedError(f"the prompt and the longest output need {tokens} positions, more than the model's "
+                             f"limit of {limit} ({spec}); shorten --prompt-len or the output lengths")
+
+
 def run_benchmark(
     model: str,
     baseline: str | None = None,
@@ -382,7 +426,10 @@ def run_benchmark(
     (baseline FLOPs / pruned FLOPs). ``threads`` sets torch's CPU threads in each measuring process.
     """
     load_kwargs = load_kwargs or {}
+    check_settings(batch_sizes, output_lens, prompt_len=prompt_len, repeats=repeats, warmup=warmup, threads=threads)
     specs = {"model": model} | ({"baseline": baseline} if baseline else {})
+    for spec in specs.values():
+        check_context(spec, prompt_len + max(output_lens), load_kwargs)
     gen_kwargs = dict(max_batch=max(batch_sizes), prompt_len=prompt_len, seed=seed)
     context_len = int(prompt_len + max(output_lens) / 2)
     schedule = dict(batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=prompt_len, warmup=warmup,
@@ -433,7 +480,7 @@ def format_bench(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {role} | {r['num_blocks']} | {p['batch_size']} | {p['output_len']} | "
                 f"{lat['median']:.3f} ({lat['min']:.3f}-{lat['max']:.3f}) | {p['throughput_tok_s']:.1f} | "
-                f"{p['decode_tok_s']:.1f} | {p['peak_memory_mb']:.0f} |"
+                f"{_num(p['decode_tok_s'], '.1f')} | {p['peak_memory_mb']:.0f} |"
             )
     if "ratios" in result:
         lines += ["", f"FLOP ratio pruned/baseline {result['flop_ratio']:.4f} -> speed-up bound "
@@ -446,10 +493,14 @@ def format_bench(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['batch_size']} | {row['output_len']} | {row['throughput_ratio']:.3f} | "
                 f"{min(per_repeat):.3f}-{max(per_repeat):.3f} | "
-                f"{row['fraction_of_flop_bound']:.3f} | {row['decode_speedup']:.3f} | "
+                f"{row['fraction_of_flop_bound']:.3f} | {_num(row['decode_speedup'], '.3f')} | "
                 f"{row['prefill_speedup']:.3f} | {row['memory_ratio']:.3f} |"
             )
     return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def plot_bench(result: dict[str, Any], path: str) -> None:

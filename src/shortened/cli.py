@@ -37,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "no_progress", False):
+            _hide_library_progress_bars()
+        if getattr(args, "device", None) is not None:  # every command: a bad device fails before any work
+            from .loading import check_device
+
+            check_device(args.device)
         return int(args.func(args) or 0)
     except ShortenedError as exc:
         print(f"shortened {args.command}: error: {exc}", file=sys.stderr)
@@ -44,6 +50,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"shortened {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _hide_library_progress_bars() -> None:
+    """--no-progress: the libraries' own bars too (loading and writing weights, Hub files, dataset maps)."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
 
 
 def _version() -> str:

@@ -196,6 +196,42 @@ def _refuse_binary(path: Path, raw: bytes, undefined: bytes = b"") -> None:
                              f"characters or undefined (the first at byte {first})")
 
 
+#: How much of each file the up-front checks read: enough to tell text from binary, cheap for large corpora.
+CHECK_BYTES = 1 << 20
+
+
+def check_text_file(path: str | os.PathLike) -> None:
+    """Refuse a file that the full read would refuse as empty or not text, from its first megabyte (the
+    checks of a long command, run before any model is loaded)."""
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(CHECK_BYTES)
+    except FileNotFoundError:
+        raise ShortenedError(f"text file not found: {path}") from None
+    except OSError as exc:
+        raise ShortenedError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head.strip():
+        raise ShortenedError(f"{path} is empty")
+    undefined = b""
+    try:
+        head.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the megabyte
+            undefined = _UNDEFINED_BYTES["cp1252"]
+    _refuse_binary(path, head, undefined=undefined)
+
+
+def check_source(source: str) -> None:
+    """Fail fast on a calibration source of local files that cannot work (missing, empty, not text);
+    ``self`` and Hub sources are checked where they are read."""
+    source = str(source)
+    if source == "self" or source in HUB_ALIASES or source.startswith("hf:"):
+        return
+    for path in find_files(source):
+        check_text_file(path)
+
+
 def read_documents(path: Path) -> list[str]:
     """The documents of one calibration file (a .txt file is one document)."""
     if path.suffix.lower() in JSONL_SUFFIXES:

@@ -328,6 +328,12 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise ShortenedError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ShortenedError(f"{path} is a folder, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise ShortenedError(f"{path} is not a JSON file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ShortenedError(f"cannot read {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise ShortenedError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
 
@@ -360,21 +366,23 @@ def save_model(
     record: dict[str, Any] | None = None,
     *,
     overwrite: bool = False,
+    kept: list[int] | None = None,
 ) -> Path:
     """Save a plain HF model folder (safetensors weights, config, generation config, tokenizer) and
     ``pruning.json`` atomically: the folder appears complete or not at all.
 
-    A model whose blocks are on disk is written block by block from its checkpoint; ``record`` must then
-    hold ``kept_blocks`` (which original block each new one is).
+    A model whose blocks are on disk is written block by block from its checkpoint: ``kept`` (else the
+    record's ``kept_blocks``) says which of the checkpoint's blocks each new one is.
     """
     from .offload import disk_blocks, save_from_disk
 
     on_disk = disk_blocks(model) is not None
-    if on_disk and (record is None or "kept_blocks" not in record):
+    kept = kept if kept is not None else (record or {}).get("kept_blocks")
+    if on_disk and kept is None:
         raise ShortenedError("a model with its blocks on disk is saved with its pruning record (kept_blocks)")
     with atomic_output_dir(out, overwrite) as tmp:
         if on_disk:
-            save_from_disk(model, list(record["kept_blocks"]), tmp)  # type: ignore[index]
+            save_from_disk(model, list(kept), tmp)  # type: ignore[arg-type]
         else:
             model.save_pretrained(tmp)  # transformers 5 always writes safetensors
         if tokenizer is not None:
@@ -408,3 +416,33 @@ def pruning_record(
         "selection": selection or {"method": "explicit"},
         "versions": library_versions(),
     }
+
+
+def compose_pruning(previous: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` of pruning a model that was pruned before (``previous``, its ``pruning.json``), rewritten
+    against the original model: source, block count and kept/removed blocks in original indices, so the
+    teacher of later healing is the original and the chain is not lost. ``selection`` stays as chosen on
+    the input model; ``previous`` keeps how the input model was made. Without a previous record (or one
+    without ``kept_blocks``) ``record`` is returned as it is."""
+    if not previous or not isinstance(previous.get("kept_blocks"), list):
+        return record
+    before = previous["kept_blocks"]
+    kept = [before[i] for i in record["kept_blocks"]]
+    n = int(previous["original_num_blocks"])
+    composed = dict(record, source=previous["source"], original_num_blocks=n, num_blocks=len(kept),
+                    removed_blocks=sorted(set(range(n)) - set(kept)), kept_blocks=kept)
+    composed["previous"] = {"model": record["source"],
+                            "removed_now": sorted(set(range(len(before))) - set(record["kept_blocks"])),
+                            **{k: previous[k] for k in ("removed_blocks", "selection", "healing", "previous")
+                               if k in previous}}
+    return composed
+
+
+def read_pruning_record(spec: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The ``pruning.json`` of the local model ``spec``, or None (a Hub id, or a model never pruned)."""
+    from .loading import resolve_local_folder
+
+    folder = resolve_local_folder(spec, cache_dir)
+    if folder is None or not (Path(folder) / RECORD_FILE).is_file():
+        return None
+    return read_json(Path(folder) / RECORD_FILE)

@@ -59,6 +59,25 @@ def runs_on_cuda(device: str | None = None) -> bool:
     return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know, or one this machine does not have, with one line."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ShortenedError(f"unknown device '{device}': use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ShortenedError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ShortenedError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ShortenedError(f"--device {device}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ShortenedError(f"--device {device}: shortened runs on cpu, cuda or mps")
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.dtype:
     """``auto`` is bf16 on CUDA and fp32 elsewhere; otherwise the named dtype."""
     if isinstance(dtype, torch.dtype):
@@ -141,6 +160,7 @@ def load_model(
     files and the scoring engine reads one block at a time (for models larger than memory; scoring only).
     """
     spec = str(model)
+    check_device(device)
     if blocks_on_disk:
         return _load_blocks_on_disk(spec, dtype=dtype, device=device or "cpu", device_map=device_map,
                                     cache_dir=cache_dir, trust_remote_code=trust_remote_code, revision=revision)

@@ -24,7 +24,7 @@ import torch
 
 from .errors import ShortenedError
 from .io import RECORD_FILE, read_json, write_file, write_json, write_text
-from .stages import StageRunner
+from .stages import STAGE_FILE, StageRunner
 
 #: Files of the final model copied (hard-linked when possible) from its stage folder to OUT.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt")
@@ -95,6 +95,57 @@ class RunConfig:
             raise ShortenedError(f"heal_data_kind must be alpaca or books, got '{self.heal_data_kind}'")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ShortenedError(f"data folder not found: {self.data_dir}")
+        self._check_inputs()
+
+    def _check_inputs(self) -> None:
+        """Every input and number a later stage reads, so that a mistake fails in a second, not after the
+        stages before it (scoring, healing) have run for minutes or hours."""
+        from .bench import check_settings
+        from .criteria import get_criterion
+        from .data import check_source
+        from .evaluation import check_request
+        from .loading import check_device
+
+        check_device(self.load.get("device"))
+        for flag, value, low in (("--n-samples", self.n_samples, 1), ("--seq-len", self.seq_len, 2)):
+            if value < low:
+                raise ShortenedError(f"{flag} must be at least {low}, got {value}")
+        if get_criterion(self.criterion).needs_data:
+            check_source(self.calib)
+        if self.heal is not None:
+            self._check_heal_options()
+            if self.heal_data:
+                from .heal.data import check_healing_source
+
+                check_healing_source(self.heal_data)
+        check_request(self._eval_ppl, self._eval_tasks, data_dir=self.data_dir, limit=self.eval_limit,
+                      seq_len=self.eval_seq_len, batch_size=self.eval_batch_size, names=("heldout",),
+                      flag_prefix="--eval-")
+        if self.bench_batch_sizes:
+            check_settings(self.bench_batch_sizes, self.bench_output_lens, repeats=self.bench_repeats)
+
+    def _check_heal_options(self) -> None:
+        o = self.heal_options
+        for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2)):
+            if o.get(key) is not None and o[key] < low:
+                raise ShortenedError(f"--heal-{key.replace('_', '-')} must be at least {low}, got {o[key]}")
+        for key in ("lr", "max_time", "passes"):
+            if o.get(key) is not None and not o[key] > 0:
+                raise ShortenedError(f"--heal-{key.replace('_', '-')} must be positive, got {o[key]}")
+
+    @property
+    def _eval_ppl(self) -> list[str]:
+        if self.eval_ppl is not None:
+            return list(self.eval_ppl)
+        return ["wikitext2", "ptb"] if self.data_dir else ["heldout"]
+
+    @property
+    def _eval_tasks(self) -> list[str]:
+        if self.eval_tasks is not None:
+            return list(self.eval_tasks)
+        from .evaluation import PAPER_TASKS
+
+        return list(PAPER_TASKS) if self.data_dir else []
 
 
 class Pipeline:
@@ -122,17 +173,11 @@ class Pipeline:
 
     @property
     def _eval_ppl(self) -> list[str]:
-        if self.c.eval_ppl is not None:
-            return list(self.c.eval_ppl)
-        return ["wikitext2", "ptb"] if self.c.data_dir else ["heldout"]
+        return self.c._eval_ppl
 
     @property
     def _eval_tasks(self) -> list[str]:
-        if self.c.eval_tasks is not None:
-            return list(self.c.eval_tasks)
-        from .evaluation import PAPER_TASKS
-
-        return list(PAPER_TASKS) if self.c.data_dir else []
+        return self.c._eval_tasks
 
     # -- stages ------------------------------------------------------------------------------------
     def calibration(self) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -390,9 +435,19 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> Path:
     from .io import output_lock
 
     config.check()
+    new = not Path(config.out).exists()
     _check_output(config)
     with output_lock(config.out):  # a second run into the same folder fails at start
-        return Pipeline(config, log).run()
+        try:
+            return Pipeline(config, log).run()
+        except BaseException:
+            finished = sorted(m.parent.name for m in (Path(config.out) / "stages").glob(f"*/{STAGE_FILE}"))
+            if new and not finished:  # nothing worth resuming: leave no folder behind
+                shutil.rmtree(config.out, ignore_errors=True)
+            elif finished:
+                log(f"finished stages kept in {Path(config.out) / 'stages'} ({', '.join(finished)}): "
+                    "the same command resumes after them")
+            raise
 
 
 def _check_output(config: RunConfig) -> None:

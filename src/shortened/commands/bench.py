@@ -47,19 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..bench import format_bench, plot_bench, run_benchmark
-    from ..errors import ShortenedError
+    from ..bench import check_settings, format_bench, plot_bench, run_benchmark
     from ..io import library_versions, now_iso, write_file, write_json
 
     out = Path(args.out)
     batch_sizes = parse_int_list(args.batch_sizes, "batch sizes")
     output_lens = parse_int_list(args.output_lens, "output lengths")
-    for name, values in (("batch size", batch_sizes), ("output length", output_lens), ("prompt length", [args.prompt_len]),
-                         ("repeats", [args.repeats]), ("threads", [1 if args.threads is None else args.threads])):
-        if min(values) < 1:
-            raise ShortenedError(f"{name} must be at least 1")
-    if args.warmup < 0:
-        raise ShortenedError("--warmup must be >= 0")
+    check_settings(batch_sizes, output_lens, prompt_len=args.prompt_len, repeats=args.repeats, warmup=args.warmup,
+                   threads=args.threads)
     # Resolve (and convert GGUF) here, so a bad spec fails with one line before any child process starts.
     model, baseline = (_resolve(s, args.cache_dir) for s in (args.model, args.baseline))
     result = run_benchmark(

@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..errors import ShortenedError
-    from ..evaluation import PAPER_TASKS, compare_files, evaluate, markdown_table
-    from ..evaluation.sources import PPL_SETS, check_local_files
+    from ..evaluation import check_request, compare_files, evaluate, markdown_table
     from ..io import write_json, write_text
 
     if args.compare:
@@ -95,22 +94,10 @@ def _run(args: argparse.Namespace) -> int:
     ppl, tasks = _names(args.ppl), _names(args.tasks)
     if not ppl and not tasks:
         raise ShortenedError("nothing to evaluate: --ppl and --tasks are both 'none'")
-    if args.limit is not None and args.limit < 1:
-        raise ShortenedError(f"--limit must be a positive number, got {args.limit}")
-    if args.seq_len < 2 or args.batch_size < 1:
-        raise ShortenedError("--seq-len must be at least 2 and --batch-size at least 1")
-    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
-        raise ShortenedError(f"data folder not found: {args.data_dir}")
-    for name in ppl:
-        if name not in PPL_SETS and not Path(name).expanduser().is_file():
-            raise ShortenedError(f"unknown perplexity set '{name}': use {', '.join(PPL_SETS)} or the path of a text file")
-    unknown = [t for t in tasks if t not in PAPER_TASKS]
-    if unknown:
-        raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_TASKS)}")
+    check_request(ppl, tasks, data_dir=args.data_dir, limit=args.limit, seq_len=args.seq_len,
+                  batch_size=args.batch_size)  # before the (slow) model load
     if args.reference is not None and not ppl:
         raise ShortenedError("--reference measures the KL on the perplexity sets: give --ppl")
-    if args.data_dir is not None:  # fail before the (slow) model load
-        check_local_files(ppl, tasks, args.data_dir)
 
     model, tokenizer = load_from_args(args)
     reference = None

@@ -175,9 +175,42 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
 
 
+#: Options read by some methods only: which methods, and the HealSettings fields (= argparse dests).
+_METHOD_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("lora", ("lora_r", "lora_alpha", "lora_dropout")),
+    ("distill", ("student", "temperature", "lm_weight")),
+    ("reconstruct", ("bridge_width", "reconstruct_loss", "reconstruct_first_token", "reconstruct_first_token_weight",
+                     "bridge_inputs", "teacher_cache_gb")),
+    ("linear", ("linear_tokens", "linear_ridge", "linear_objective", "linear_cosine_steps", "linear_cosine_lr")),
+)
+
+
+def check_method_options(args: argparse.Namespace) -> None:
+    """Refuse an option that no method of the chain reads (set to other than its default), rather than
+    ignore it: a --bridge-width given to lora was meant for a method that is not running."""
+    from ..errors import ShortenedError
+    from ..heal import HealSettings, parse_chain
+
+    chain = parse_chain(args.method)
+    names = {m.name for m in chain}
+    if "distill" in names and args.student == "lora":
+        names.add("lora")  # distill's LoRA student reads the LoRA options
+    defaults = HealSettings()
+    for method, fields in _METHOD_OPTIONS:
+        given = [f for f in fields if getattr(args, f) != getattr(defaults, f)]
+        if given and method not in names:
+            flag = "--" + given[0].replace("_", "-")
+            raise ShortenedError(f"{flag} applies to --method {method}, which this run does not use "
+                                 f"(--method {args.method})")
+    if args.teacher is not None and not any(m.needs_teacher for m in chain):
+        raise ShortenedError(f"--teacher applies to methods that learn from the unpruned model "
+                             f"(distill, reconstruct, linear), not --method {args.method}")
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..heal import HealSettings, heal
 
+    check_method_options(args)
     settings = HealSettings(
         steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed, warmup_steps=args.warmup_steps,
@@ -209,6 +242,8 @@ def _run(args: argparse.Namespace) -> int:
         if trained:  # reconstruct: which blocks learned which removed run (--bridge-width)
             fitted += "; trained blocks " + ", ".join(
                 f"{'/'.join(map(str, b['trained']))} for {b['replaces'][0]}-{b['replaces'][1]}" for b in trained)
-        print(f"healed with {h['method']} for {h['steps_done']} steps ({h['seconds']:.0f} s){fitted}; validation loss "
-              f"{before} -> {best} (best step {h['best_step']}) -> {args.out}")
+        trained_steps = (f" for {h['steps_done']} steps" if h["steps_done"] else " (no training steps)")
+        validation = (f"; validation loss {before} -> {best} (best step {h['best_step']})"
+                      if h["val_loss_before"] is not None else "")
+        print(f"healed with {h['method']}{trained_steps} ({h['seconds']:.0f} s){fitted}{validation} -> {args.out}")
     return 0

@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     add_model_args(p)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--blocks", help="original indices of the blocks to remove, e.g. 20,21,22 or 4-7")
+    which.add_argument("--blocks", help="indices of the blocks to remove, e.g. 20,21,22 or 4-7, as 'shortened info "
+                                        "MODEL' numbers them (for a model pruned before: its present blocks; "
+                                        "pruning.json records original indices)")
     which.add_argument("--criterion", metavar="CRITERION",
                        help=f"score the blocks now with this criterion: {', '.join(criterion_names())}")
     which.add_argument("--scores", help="choose from a scores JSON file written by 'shortened score'")
@@ -62,7 +64,8 @@ def _check_combination(args: argparse.Namespace) -> None:
     if args.blocks is not None:
         extra = [f for f, v in (("--num-blocks", args.num_blocks), ("--ratio", args.ratio),
                                 ("--iterative", args.iterative), ("--contiguous", args.contiguous),
-                                ("--protect-first", args.protect_first), ("--protect-last", args.protect_last))
+                                ("--protect-first", args.protect_first), ("--protect-last", args.protect_last),
+                                ("--calib", args.calib))
                  if v not in (None, False)]
         if extra:
             raise ShortenedError(f"{extra[0]} chooses blocks by score; it cannot be combined with --blocks")
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..archs import get_arch, num_blocks
     from ..choose import choose
-    from ..io import pruning_record, save_model
+    from ..io import compose_pruning, pruning_record, read_pruning_record, save_model
     from ..loading import load_for_scoring
     from ..scores_files import read_scores_file
     from ..selection import check_request
@@ -118,7 +121,11 @@ def _run(args: argparse.Namespace) -> int:
         model.to("cpu")
     kept = remove_blocks(model, blocks, spec)  # with --offload disk: the (empty) module tree; saved from disk
     record = pruning_record(args.model, n, kept, model_type=model.config.model_type, selection=selection)
-    save_model(model, tokenizer, args.out, record, overwrite=args.overwrite)
+    record = compose_pruning(read_pruning_record(args.model, args.cache_dir), record)
+    save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, kept=kept)
     how = f" by {selection['criterion']} ({selection['method']})" if selection else ""
-    print(f"removed blocks {record['removed_blocks']} of {n}{how}; {len(kept)} remain -> {args.out}")
+    removed_now = sorted(set(range(n)) - set(kept))
+    original = (f" (of the original {record['original_num_blocks']}: {record['removed_blocks']} removed)"
+                if "previous" in record else "")
+    print(f"removed blocks {removed_now} of {n}{how}; {len(kept)} remain{original} -> {args.out}")
     return 0

@@ -124,6 +124,14 @@ def run(args: argparse.Namespace) -> int:
                                           max_time=args.heal_max_time, passes=passes,
                                           mixed_precision=args.heal_mixed_precision).items()
                     if v is not None}
+    if heal == "none":
+        given = [flag for flag, value in (("--heal-data", args.heal_data), ("--heal-steps", args.heal_steps),
+                                          ("--heal-lr", args.heal_lr), ("--heal-batch-size", args.heal_batch_size),
+                                          ("--heal-grad-accum", args.heal_grad_accum),
+                                          ("--heal-seq-len", args.heal_seq_len), ("--heal-passes", args.heal_passes),
+                                          ("--heal-max-time", args.heal_max_time)) if value is not None]
+        if given:
+            raise ShortenedError(f"{given[0]} sets the healing, and --heal none turns it off")
     if args.bench_repeats < 1:
         raise ShortenedError("--bench-repeats must be at least 1")
     config = RunConfig(

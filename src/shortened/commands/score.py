@@ -101,6 +101,8 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
 
     check_choice(args.criterion, iterative=getattr(args, "iterative", False),
                  contiguous=getattr(args, "contiguous", False))
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ShortenedError(f"--batch-size must be at least 1, got {args.batch_size}")
     options: dict[str, Any] = {}
     given = {"norm": ("magnitude", args.norm), "tokens": ("angular", args.angular_tokens)}
     for key, (owner, value) in given.items():
@@ -183,7 +185,11 @@ def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
     record = scores_record(args.model, model, scores, calib.info if calib else None)
     record.update(created=now_iso(), versions=library_versions())
     write_scores_files(record, paths, overwrite=args.overwrite)
-    lo = sorted(range(len(scores.scores)), key=lambda i: scores.scores[i])[:5]
+    if args.criterion == "search":  # its scores are the chosen set (0) and the rest (1): name the set
+        found = record["extra"]["search"]
+        summary = f"removes {found['removed']} (fitness {found['fitness']:.4g})"
+    else:
+        summary = f"lowest: {sorted(range(len(scores.scores)), key=lambda i: scores.scores[i])[:5]}"
     print(f"{scores.criterion} scores of {len(scores.scores)} blocks ({get_arch(model).model_types[0]}) -> "
-          f"{paths['json']}, {paths['csv'].name}, {paths['png'].name}; lowest: {lo}")
+          f"{paths['json']}, {paths['csv'].name}, {paths['png'].name}; {summary}")
     return 0

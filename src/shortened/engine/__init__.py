@@ -96,9 +96,9 @@ class Engine:
         n_samples = self.calib_ids.shape[0] if self.calib_ids is not None else 1
         # One micro-batch per worker, so every block visit has a multiple of `workers` equal calls to share
         # out (one batch of 10 samples leaves a core idle for half a call at every odd stream count).
-        self.batch_size = batch_size or -(-n_samples // self.workers)
-        if self.batch_size < 1:
-            raise ShortenedError("batch size must be at least 1")
+        if batch_size is not None and batch_size < 1:
+            raise ShortenedError(f"batch size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size if batch_size is not None else -(-n_samples // self.workers)
         self._captures: list[Capture] | None = None
 
     @property

@@ -22,13 +22,49 @@ from .tables import RESULTS_KIND, compare_files, load_results, markdown_table
 from .zeroshot import PAPER_METRICS, SEEDS, run_tasks
 
 __all__ = [
-    "PAPER_METRICS", "PAPER_PPL", "PAPER_TASKS", "compare_files", "evaluate", "load_ppl_text", "load_results",
+    "PAPER_METRICS", "PAPER_PPL", "PAPER_TASKS", "check_request", "compare_files", "evaluate", "load_ppl_text", "load_results",
     "markdown_table", "perplexity_on",
 ]
 
 #: The paper's perplexity sets and zero-shot tasks (in its column order).
 PAPER_PPL: tuple[str, ...] = ("wikitext2", "ptb")
 PAPER_TASKS: tuple[str, ...] = tuple(PAPER_METRICS)
+
+
+def check_request(
+    ppl: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    names: Sequence[str] = (),
+    flag_prefix: str = "--",
+) -> None:
+    """Refuse an evaluation request that cannot run, with one line, before any model is loaded: unknown
+    perplexity sets (``names`` adds set names the caller resolves itself) and tasks, bad numbers (named
+    ``{flag_prefix}limit`` and so on in the message), a data folder that lacks a file the request needs."""
+    from pathlib import Path
+
+    from .sources import PPL_SETS, check_local_files
+
+    if limit is not None and limit < 1:
+        raise ShortenedError(f"{flag_prefix}limit must be a positive number, got {limit}")
+    if seq_len < 2 or batch_size < 1:
+        raise ShortenedError(f"{flag_prefix}seq-len must be at least 2 and {flag_prefix}batch-size at least 1, "
+                             f"got {seq_len} and {batch_size}")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise ShortenedError(f"data folder not found: {data_dir}")
+    for name in ppl:
+        if name not in PPL_SETS and name not in names and not Path(name).expanduser().is_file():
+            known = ", ".join([*PPL_SETS, *names])
+            raise ShortenedError(f"unknown perplexity set '{name}': use {known} or the path of a text file")
+    unknown = [t for t in tasks if t not in PAPER_TASKS]
+    if unknown:
+        raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_TASKS)}")
+    if data_dir is not None:
+        check_local_files(list(ppl), list(tasks), data_dir)
 
 
 def evaluate(

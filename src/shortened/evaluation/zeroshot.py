@@ -223,6 +223,9 @@ def run_tasks(
                 if not os.path.isfile(path):
                     raise ShortenedError(f"task '{task}' needs {path} (missing in the data folder)")
     lm = make_lm(model, tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
+    if not progress:  # the harness's own per-request bars: it calls these methods without disable_tqdm
+        for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
     results = {}
     for task in tqdm(list(tasks), desc="zero-shot tasks", unit="task", disable=not progress or len(tasks) < 2):
         results[task] = run_task(lm, task, data_dir=data_dir, limit=limit)

@@ -258,6 +258,7 @@ def heal(
         teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, load, device)
         teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else loaded_teacher_tokenizer
         teacher.to(device)
+        _check_teacher_blocks(teacher, kept if any(m.needs_kept for m in chain) else None)
 
     datasets: dict[int, HealingData] = {}  # by sequence length: methods of a chain may differ
 
@@ -396,6 +397,16 @@ def _describe_input(model: str | os.PathLike | nn.Module) -> tuple[str, dict[str
     if record_path.is_file():
         return spec, copy.deepcopy(read_json(record_path))
     return spec, {"format_version": 1, "tool": "shortened", "source": spec, "selection": None}
+
+
+def _check_teacher_blocks(teacher: nn.Module, kept: list[int] | None) -> None:
+    """``kept`` indexes the teacher's blocks (pruning.json: the original model's): a teacher with fewer
+    blocks, e.g. a model pruned on the way, would pair each bridge with the wrong blocks."""
+    from ..archs import num_blocks
+
+    if kept is not None and max(kept) >= num_blocks(teacher):
+        raise ShortenedError(f"the teacher has {num_blocks(teacher)} blocks, but the kept blocks {kept} index a "
+                             "model with more: give the original (unpruned) model as the teacher")
 
 
 def _load_teacher(teacher: Any, model_spec: str, load: LoadOptions, device: str) -> tuple[nn.Module, str, Any]:

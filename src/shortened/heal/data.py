@@ -223,6 +223,27 @@ def subset_for_passes(data: HealingData, steps: int, global_batch: int, passes: 
     return HealingData(train, data.val, data.kind, data.source)
 
 
+def check_healing_source(spec: str | os.PathLike) -> None:
+    """Fail fast on healing data of local files that :func:`load_healing_data` would refuse (missing,
+    empty, not text), from each file's first megabyte; ``alpaca`` and ``hf:`` are checked when read."""
+    from ..data import check_text_file
+
+    spec = str(spec)
+    if spec == "alpaca" or spec.startswith("hf:"):
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ShortenedError(f"data path not found: {spec} (use alpaca, hf:NAME, a .json/.jsonl file, or text)")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ShortenedError(f"no .txt files under {path}")
+    else:
+        files = [path]
+    for file in files:
+        check_text_file(file)
+
+
 def load_healing_data(
     spec: str | os.PathLike,
     tokenizer: Any,

@@ -25,6 +25,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -188,6 +189,18 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
+def warmup_then_decay(step: int, *, warmup: int, steps: int) -> float:
+    """The learning-rate factor of optimizer step ``step`` (0-based): linear warm-up to 1 over ``warmup``
+    steps, then linear decay towards 0 at ``steps``.
+
+    Unlike transformers' ``get_linear_schedule_with_warmup`` no step gets a zero rate: its first step
+    (rate 0) would train nothing, a whole run of ``--steps 1`` included.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
 def train(
     model: nn.Module,
     objective: Objective,
@@ -209,7 +222,6 @@ def train(
     its last state; ``result.best_state`` holds the best one.
     """
     from accelerate import Accelerator
-    from transformers import get_linear_schedule_with_warmup
 
     config.check()
     accelerator = accelerator or Accelerator()
@@ -220,7 +232,7 @@ def train(
     warmup = min(config.warmup_steps, config.steps)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_then_decay, warmup=warmup, steps=config.steps))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     device = accelerator.device
