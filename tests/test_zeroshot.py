@@ -156,3 +156,16 @@ def test_hub_unreachable_names_local_files(monkeypatch):
 def test_the_seven_tasks_with_the_papers_metrics_and_a_local_layout():
     assert list(PAPER_METRICS.items()) == list(PAPER.items())  # the columns' order too
     assert set(TASKS) == set(PAPER)
+
+
+def test_no_progress_hides_the_harness_bars_too(tiny, tokenizer, data_dir, capfd):
+    """progress=False: neither our bars nor the harness's (request building, loglikelihood) are drawn,
+    and the harness's module is left as it was."""
+    import lm_eval.api.task as harness_task
+
+    original = harness_task.tqdm
+    results = run_tasks(tiny, tokenizer, ["piqa", "boolq"], data_dir=data_dir, limit=2, progress=False)
+    assert set(results) == {"piqa", "boolq"} and harness_task.tqdm is original
+    assert "it/s" not in capfd.readouterr().err
+    run_tasks(tiny, tokenizer, ["piqa"], data_dir=data_dir, limit=2, progress=True)
+    assert "it/s" in capfd.readouterr().err  # the check above can see a bar

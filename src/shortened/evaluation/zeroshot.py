@@ -227,9 +227,24 @@ def run_tasks(
         for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
             setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
     results = {}
-    for task in tqdm(list(tasks), desc="zero-shot tasks", unit="task", disable=not progress or len(tasks) < 2):
-        results[task] = run_task(lm, task, data_dir=data_dir, limit=limit)
+    with contextlib.nullcontext() if progress else _harness_request_bars_off():
+        for task in tqdm(list(tasks), desc="zero-shot tasks", unit="task", disable=not progress or len(tasks) < 2):
+            results[task] = run_task(lm, task, data_dir=data_dir, limit=limit)
     return results
+
+
+@contextlib.contextmanager
+def _harness_request_bars_off() -> Iterator[None]:
+    """The harness builds each task's requests under a bar it offers no switch for (lm_eval.api.task's
+    module-level ``tqdm``): swap in a disabled one for the block."""
+    import lm_eval.api.task as harness_task
+
+    original = harness_task.tqdm
+    harness_task.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        harness_task.tqdm = original
 
 
 def paper_average(results: dict[str, dict[str, Any]]) -> float | None:
