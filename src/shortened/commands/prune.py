@@ -60,13 +60,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_combination(args: argparse.Namespace) -> None:
+    from .score import given_scoring_flags
+
     chosen = args.criterion is not None or args.scores is not None
     if args.blocks is not None:
         extra = [f for f, v in (("--num-blocks", args.num_blocks), ("--ratio", args.ratio),
                                 ("--iterative", args.iterative), ("--contiguous", args.contiguous),
-                                ("--protect-first", args.protect_first), ("--protect-last", args.protect_last),
-                                ("--calib", args.calib))
-                 if v not in (None, False)]
+                                ("--protect-first", args.protect_first), ("--protect-last", args.protect_last))
+                 if v not in (None, False)] + given_scoring_flags(args)
         if extra:
             raise ShortenedError(f"{extra[0]} chooses blocks by score; it cannot be combined with --blocks")
     if chosen and args.num_blocks is None and args.ratio is None:
@@ -75,8 +76,10 @@ def _check_combination(args: argparse.Namespace) -> None:
         raise ShortenedError("--iterative re-scores after each removal, so it needs --criterion, not --scores")
     if args.ratio is not None and not 0 < args.ratio < 1:
         raise ShortenedError(f"ratio must be strictly between 0 and 1, got {args.ratio}")
-    if args.scores is not None and args.calib is not None:
-        raise ShortenedError("--calib is not used with --scores (the scores are already computed)")
+    if args.scores is not None:
+        unused = [f for f in given_scoring_flags(args) if f != "--batch-size"]
+        if unused:
+            raise ShortenedError(f"{unused[0]} is not used with --scores (the scores are already computed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,9 +97,11 @@ def _run(args: argparse.Namespace) -> int:
     from ..scores_files import read_scores_file
     from ..selection import check_request
     from ..surgery import remove_blocks, validate_indices
-    from .score import calibration_from_args, criterion_options, engine_options, selection_request
+    from .score import (calibration_from_args, criterion_options, engine_options, fill_calibration_defaults,
+                        selection_request)
 
     _check_combination(args)
+    fill_calibration_defaults(args)
     blocks = parse_int_list(args.blocks) if args.blocks is not None else None
     saved, saved_calib = read_scores_file(args.scores) if args.scores is not None else (None, None)
     options = criterion_options(args) if args.criterion is not None else None  # mistakes before the load

@@ -27,6 +27,28 @@ CALIB_HELP = ("calibration text: a .txt/.jsonl file, a folder or a glob; 'self' 
               "seeded); or, when online, wikitext2, bookcorpus, c4, hf:NAME[:CONFIG][:SPLIT]")
 
 
+#: The paper's calibration: 10 windows of 128 tokens (and our seed).
+CALIBRATION_DEFAULTS = {"n_samples": 10, "seq_len": 128, "seed": 1234}
+#: Options of the scoring that mean nothing when the blocks are given (prune --blocks): flag -> dest.
+SCORING_FLAGS = {"--calib": "calib", "--n-samples": "n_samples", "--seq-len": "seq_len", "--seed": "seed",
+                 "--norm": "norm", "--angular-tokens": "angular_tokens", "--batch-size": "batch_size",
+                 **{flag: flag[2:].replace("-", "_") for flag in ("--fitness", "--generations", "--offspring",
+                                                                  "--search-stages", "--search-start",
+                                                                  "--search-max-run")}}
+
+
+def given_scoring_flags(args: argparse.Namespace) -> list[str]:
+    """The scoring options given on the command line (before :func:`fill_calibration_defaults`)."""
+    return [flag for flag, dest in SCORING_FLAGS.items() if getattr(args, dest, None) is not None]
+
+
+def fill_calibration_defaults(args: argparse.Namespace) -> None:
+    """Replace the calibration options left unset by their defaults."""
+    for dest, value in CALIBRATION_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
 def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: bool = True) -> None:
     """Criterion, calibration and engine options, shared with ``shortened prune``."""
     from ..criteria import criterion_names
@@ -36,9 +58,14 @@ def add_scoring_args(parser: argparse.ArgumentParser, *, required_criterion: boo
                             help=f"importance criterion: {', '.join(criterion_names())}")
     cal = parser.add_argument_group("calibration data")
     cal.add_argument("--calib", default=None, help=CALIB_HELP)
-    cal.add_argument("--n-samples", type=int, default=10, help="number of calibration windows")
-    cal.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
-    cal.add_argument("--seed", type=int, default=1234, help="seed of the window sampling (and of --calib self, random)")
+    # None until filled in (fill_calibration_defaults), so that a command can tell a given value from the default
+    cal.add_argument("--n-samples", type=int, default=None,
+                     help=f"number of calibration windows (default {CALIBRATION_DEFAULTS['n_samples']})")
+    cal.add_argument("--seq-len", type=int, default=None,
+                     help=f"tokens per calibration window (default {CALIBRATION_DEFAULTS['seq_len']})")
+    cal.add_argument("--seed", type=int, default=None,
+                     help="seed of the window sampling (and of --calib self, random; "
+                          f"default {CALIBRATION_DEFAULTS['seed']})")
     opt = parser.add_argument_group("criterion options")
     opt.add_argument("--norm", choices=("l1", "l2"), default=None, help="magnitude: sum of |w| (l1) or the L2 norm")
     opt.add_argument("--angular-tokens", choices=("last", "all"), default=None,
@@ -172,6 +199,7 @@ def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
     from ..loading import load_for_scoring
     from ..scores_files import scores_record, write_scores_files
 
+    fill_calibration_defaults(args)
     options = criterion_options(args)  # option mistakes before the load too
     request = selection_request(args)
     given = [k for k, v in request.items() if v is not None]
