@@ -118,7 +118,7 @@ class RunConfig:
                 from .heal.data import check_healing_source
 
                 check_healing_source(self.heal_data)
-        check_request(self._eval_ppl, self._eval_tasks, data_dir=self.data_dir, limit=self.eval_limit,
+        check_request(self.ppl_sets, self.task_names, data_dir=self.data_dir, limit=self.eval_limit,
                       seq_len=self.eval_seq_len, batch_size=self.eval_batch_size, names=("heldout",),
                       flag_prefix="--eval-")
         if self.bench_batch_sizes:
@@ -134,13 +134,15 @@ class RunConfig:
                 raise ShortenedError(f"--heal-{key.replace('_', '-')} must be positive, got {o[key]}")
 
     @property
-    def _eval_ppl(self) -> list[str]:
+    def ppl_sets(self) -> list[str]:
+        """The perplexity sets evaluated: ``eval_ppl``, else the paper's with a data folder, else held-out text."""
         if self.eval_ppl is not None:
             return list(self.eval_ppl)
         return ["wikitext2", "ptb"] if self.data_dir else ["heldout"]
 
     @property
-    def _eval_tasks(self) -> list[str]:
+    def task_names(self) -> list[str]:
+        """The zero-shot tasks evaluated: ``eval_tasks``, else the paper's seven with a data folder, else none."""
         if self.eval_tasks is not None:
             return list(self.eval_tasks)
         from .evaluation import PAPER_TASKS
@@ -170,14 +172,6 @@ class Pipeline:
         from .loading import load_model
 
         return load_model(str(folder), **self.c.load)
-
-    @property
-    def _eval_ppl(self) -> list[str]:
-        return self.c._eval_ppl
-
-    @property
-    def _eval_tasks(self) -> list[str]:
-        return self.c._eval_tasks
 
     # -- stages ------------------------------------------------------------------------------------
     def calibration(self) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -312,19 +306,19 @@ class Pipeline:
         return self.stages.run(name, settings, work)
 
     def evaluation(self, role: str, folder: Path | None, name: str) -> dict[str, Any]:
-        ppl = self._eval_ppl
+        ppl = self.c.ppl_sets
         if "heldout" in ppl:
             held = self._sampled_text("heldout", n=self.c.heldout_samples, seed=self.c.seed + 1)
             ppl = [str(held / "heldout.txt") if p == "heldout" else p for p in ppl]
         settings = dict(model=self.c.model if folder is None else self.stages.token(folder.name), ppl=ppl,
-                        tasks=self._eval_tasks, data_dir=self.c.data_dir, limit=self.c.eval_limit,
+                        tasks=self.c.task_names, data_dir=self.c.data_dir, limit=self.c.eval_limit,
                         seq_len=self.c.eval_seq_len, batch_size=self.c.eval_batch_size)
 
         def work(tmp: Path) -> None:
             from .evaluation import evaluate
 
             model, tokenizer = self.dense() if folder is None else self._load(folder)
-            result = evaluate(model, tokenizer, ppl=ppl, tasks=self._eval_tasks, data_dir=self.c.data_dir,
+            result = evaluate(model, tokenizer, ppl=ppl, tasks=self.c.task_names, data_dir=self.c.data_dir,
                               limit=self.c.eval_limit, batch_size=self.c.eval_batch_size,
                               seq_len=self.c.eval_seq_len, name=name, progress=self.c.progress)
             write_json(tmp / "results.json", result)
@@ -360,7 +354,7 @@ class Pipeline:
         healed = self.healed(pruned)
         final = healed or pruned
         evaluations: list[tuple[str, dict[str, Any]]] = []
-        if self._eval_ppl or self._eval_tasks:  # --eval none: no evaluation stage at all
+        if self.c.ppl_sets or self.c.task_names:  # --eval none: no evaluation stage at all
             evaluations = [("original", self.evaluation("dense", None, "original")),
                            ("pruned, one-shot", self.evaluation("pruned", pruned, "pruned, one-shot"))]
         if healed is not None and evaluations:
@@ -396,7 +390,7 @@ class Pipeline:
                          "stages_skipped": self.stages.skipped}
         write_json(self.out / RECORD_FILE, record)
         local = resolve_local_folder(self.c.model, self.c.load.get("cache_dir"))
-        notes = [HELDOUT_NOTE] if "heldout" in self._eval_ppl else []
+        notes = [HELDOUT_NOTE] if "heldout" in self.c.ppl_sets else []
         card = model_card(record, evaluations=evaluations, bench=bench, plots=plots,
                           license=source_license(self.c.model, local), notes=notes)
         write_text(self.out / "README.md", card)

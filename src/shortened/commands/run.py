@@ -125,13 +125,10 @@ def run(args: argparse.Namespace) -> int:
                                           mixed_precision=args.heal_mixed_precision).items()
                     if v is not None}
     if heal == "none":
-        given = [flag for flag, value in (("--heal-data", args.heal_data), ("--heal-steps", args.heal_steps),
-                                          ("--heal-lr", args.heal_lr), ("--heal-batch-size", args.heal_batch_size),
-                                          ("--heal-grad-accum", args.heal_grad_accum),
-                                          ("--heal-seq-len", args.heal_seq_len), ("--heal-passes", args.heal_passes),
-                                          ("--heal-max-time", args.heal_max_time)) if value is not None]
+        given = [key for key, value in vars(args).items() if key.startswith("heal_") and value is not None
+                 and not (key == "heal_mixed_precision" and value == "auto")]  # the one --heal-* with a default
         if given:
-            raise ShortenedError(f"{given[0]} sets the healing, and --heal none turns it off")
+            raise ShortenedError(f"--{given[0].replace('_', '-')} sets the healing, and --heal none turns it off")
     if args.bench_repeats < 1:
         raise ShortenedError("--bench-repeats must be at least 1")
     config = RunConfig(

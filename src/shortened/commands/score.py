@@ -29,17 +29,13 @@ CALIB_HELP = ("calibration text: a .txt/.jsonl file, a folder or a glob; 'self' 
 
 #: The paper's calibration: 10 windows of 128 tokens (and our seed).
 CALIBRATION_DEFAULTS = {"n_samples": 10, "seq_len": 128, "seed": 1234}
-#: Options of the scoring that mean nothing when the blocks are given (prune --blocks): flag -> dest.
-SCORING_FLAGS = {"--calib": "calib", "--n-samples": "n_samples", "--seq-len": "seq_len", "--seed": "seed",
-                 "--norm": "norm", "--angular-tokens": "angular_tokens", "--batch-size": "batch_size",
-                 **{flag: flag[2:].replace("-", "_") for flag in ("--fitness", "--generations", "--offspring",
-                                                                  "--search-stages", "--search-start",
-                                                                  "--search-max-run")}}
+#: The scoring options besides the search's (SEARCH_FLAGS): all default to None, so "given" is "not None".
+SCORING_FLAGS = ("--calib", "--n-samples", "--seq-len", "--seed", "--norm", "--angular-tokens", "--batch-size")
 
 
 def given_scoring_flags(args: argparse.Namespace) -> list[str]:
     """The scoring options given on the command line (before :func:`fill_calibration_defaults`)."""
-    return [flag for flag, dest in SCORING_FLAGS.items() if getattr(args, dest, None) is not None]
+    return [flag for flag in (*SCORING_FLAGS, *SEARCH_FLAGS) if getattr(args, flag[2:].replace("-", "_")) is not None]
 
 
 def fill_calibration_defaults(args: argparse.Namespace) -> None:

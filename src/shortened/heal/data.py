@@ -150,18 +150,22 @@ def _array_element_lines(text: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------------
 # Plain text
 
-def read_text_files(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``(name, text)`` for a text file, or every ``*.txt`` under a folder (sorted)."""
+def text_files(path: str | os.PathLike) -> list[Path]:
+    """A text file, or every ``*.txt`` under a folder (sorted)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise ShortenedError(f"no .txt files under {path}")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise ShortenedError(f"data path not found: {path}")
-    docs = [(str(p), read_text(p)) for p in files]
+        return files
+    if path.is_file():
+        return [path]
+    raise ShortenedError(f"data path not found: {path}")
+
+
+def read_text_files(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(name, text)`` for a text file, or every ``*.txt`` under a folder (sorted)."""
+    docs = [(str(p), read_text(p)) for p in text_files(path)]
     for name, text in docs:
         if not text.strip():
             raise ShortenedError(f"{name} is empty")
@@ -234,13 +238,7 @@ def check_healing_source(spec: str | os.PathLike) -> None:
     path = Path(spec).expanduser()
     if not path.exists():
         raise ShortenedError(f"data path not found: {spec} (use alpaca, hf:NAME, a .json/.jsonl file, or text)")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise ShortenedError(f"no .txt files under {path}")
-    else:
-        files = [path]
-    for file in files:
+    for file in text_files(path):
         check_text_file(file)
 
 
