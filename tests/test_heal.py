@@ -208,6 +208,19 @@ def trained_tiny():
     return r.model
 
 
+def test_untrained_weights_are_kept_when_no_trained_step_validates_better():
+    model = tiny_model("llama")
+    before = _weights(model)
+    # A learning rate this large wrecks the model at the first step, so step 0 stays the best.
+    r = heal(model, pattern_data(), "full", steps=3, batch_size=8, grad_accum=1, lr=50.0, eval_every=1, **FAST)
+    losses = {e["step"]: e["val_loss"] for e in r.run.val_log}
+    assert set(losses) == {0, 1, 2, 3} and min(losses[s] for s in (1, 2, 3)) > losses[0]
+    assert r.run.best_step == 0 and r.record["healing"]["best_step"] == 0
+    after = _weights(r.model)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
 @pytest.mark.parametrize("method", ["lora", "full", "distill"])
 def test_each_method_reduces_validation_loss(method, trained_tiny):
     from shortened.surgery import remove_blocks

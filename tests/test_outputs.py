@@ -212,7 +212,10 @@ def test_seq_len_beyond_the_position_limit_is_refused(command, folder, text, tmp
 
 # ------------------------------------------------------------------------------------------ 4: not text
 @pytest.mark.parametrize("command", ["score-calib", "score-calib-jsonl", "heal-data", "eval-ppl"])
-def test_random_bytes_are_refused_as_text_by_every_command(command, folder, tmp_path, capsys):
+def test_random_bytes_are_refused_as_text_by_every_command(command, folder, tmp_path, capsys, monkeypatch):
+    import shortened.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
     junk = tmp_path / ("junk.jsonl" if command.endswith("jsonl") else "junk.txt")
     junk.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
                      .numpy().tobytes())
@@ -226,6 +229,24 @@ def test_random_bytes_are_refused_as_text_by_every_command(command, folder, tmp_
     code, err = cli(capsys, *argv)
     assert code == 2 and f"{junk} is not text: it holds NUL bytes" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [junk.name]
+
+
+@pytest.mark.parametrize("command", ["prune-blocks", "prune-count", "score-search"])
+def test_block_requests_beyond_the_config_are_refused_before_loading(command, folder, tmp_path, capsys, monkeypatch):
+    import shortened.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    argv, message = {
+        "prune-blocks": (["prune", folder, "--blocks", f"1,{N_LAYERS}", "--out", tmp_path / "p"],
+                         f"block index {N_LAYERS} is out of range: the model has {N_LAYERS} blocks"),
+        "prune-count": (["prune", folder, "--criterion", "magnitude", "--num-blocks", N_LAYERS - 1, "--out", tmp_path / "p"],
+                        f"only {N_LAYERS - 6} of {N_LAYERS} are unprotected"),
+        "score-search": (["score", folder, "--criterion", "search", "--calib", "self", "--num-blocks", N_LAYERS,
+                          "--out", tmp_path / "s.json"], f"cannot remove {N_LAYERS} of {N_LAYERS} blocks"),
+    }[command]
+    code, err = cli(capsys, *argv)
+    assert code == 2 and message in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_control_bytes_without_nul_are_not_text_but_cp1252_books_are(tmp_path):

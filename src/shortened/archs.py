@@ -257,6 +257,14 @@ def config_position_limit(config: Any, spec: ArchSpec | None = None) -> int | No
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+def config_block_count(config: Any) -> int | None:
+    """The number of blocks a config declares (read before any weights load), or None for a model type
+    outside the table or a config that does not say."""
+    spec = _BY_TYPE.get(getattr(config, "model_type", None))
+    count = getattr(config, spec.layer_count_field, None) if spec else None
+    return count if isinstance(count, int) and count > 0 else None
+
+
 def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
     """Refuse a sequence length beyond the model's position limit (it would fail or crawl deep in the work)."""
     spec = get_arch(model)

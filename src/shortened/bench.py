@@ -380,21 +380,15 @@ def check_settings(batch_sizes: Sequence[int], output_lens: Sequence[int], *, pr
 
 
 def check_context(spec: str, tokens: int, load_kwargs: dict[str, Any] | None = None) -> None:
-    """Refuse a prompt plus output longer than the position limit of the local model folder ``spec`` (read
-    from its config: generation would fail or crawl far into the run). Hub ids are left to the load."""
-    import os
-
-    from transformers import AutoConfig
-
+    """Refuse a prompt plus output longer than the position limit of the local model ``spec`` (read from
+    its config: generation would fail or crawl far into the run). Hub ids are left to the load."""
     from .archs import config_position_limit
+    from .loading import LoadOptions, local_config
 
-    if not os.path.isdir(spec):
-        return
-    try:
-        config = AutoConfig.from_pretrained(spec, trust_remote_code=(load_kwargs or {}).get("trust_remote_code", False))
-    except (OSError, ValueError, KeyError):
-        return  # the load itself says what is wrong with the folder
-    limit = config_position_limit(config)
+    kwargs = load_kwargs or {}
+    config = local_config(spec, LoadOptions(cache_dir=kwargs.get("cache_dir"),
+                                            trust_remote_code=kwargs.get("trust_remote_code", False)))
+    limit = config_position_limit(config) if config is not None else None
     if limit is not None and tokens > limit:
         raise ShortenedError(f"the prompt and the longest output need {tokens} positions, more than the model's "
                              f"limit of {limit} ({spec}); shorten --prompt-len or the output lengths")

@@ -228,6 +228,22 @@ def resolve_local_folder(spec: str, cache_dir: str | os.PathLike | None = None) 
     raise ShortenedError(f"model path does not exist: {spec}")
 
 
+def local_config(spec: str | os.PathLike, options: LoadOptions | None = None) -> Any | None:
+    """The config of a local model (folder, GGUF file or alias, converted once), read without its
+    weights so that requests can be checked before the load; None for a Hub id or a folder whose config
+    does not read (the load then says what is wrong)."""
+    from transformers import AutoConfig
+
+    options = options or LoadOptions()
+    folder = resolve_local_folder(str(spec), options.cache_dir)
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _from_pretrained(source: str, kwargs: dict[str, Any], spec: str, local: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -245,5 +245,7 @@ def _run(args: argparse.Namespace) -> int:
         trained_steps = (f" for {h['steps_done']} steps" if h["steps_done"] else " (no training steps)")
         validation = (f"; validation loss {before} -> {best} (best step {h['best_step']})"
                       if h["val_loss_before"] is not None else "")
+        if h["steps_done"] and h["best_step"] == 0:
+            validation += "; no trained step validated better, so the untrained weights are kept"
         print(f"healed with {h['method']}{trained_steps} ({h['seconds']:.0f} s){fitted}{validation} -> {args.out}")
     return 0

@@ -90,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..archs import get_arch, num_blocks
+    from ..archs import config_block_count, get_arch, num_blocks
     from ..choose import choose
+    from ..data import check_source
     from ..io import compose_pruning, pruning_record, read_pruning_record, save_model
-    from ..loading import load_for_scoring
+    from ..loading import load_for_scoring, local_config
     from ..scores_files import read_scores_file
     from ..selection import check_request
     from ..surgery import remove_blocks, validate_indices
@@ -102,9 +103,16 @@ def _run(args: argparse.Namespace) -> int:
 
     _check_combination(args)
     fill_calibration_defaults(args)
+    if args.calib is not None:
+        check_source(args.calib)  # a missing, empty or binary file is told before the model loads
     blocks = parse_int_list(args.blocks) if args.blocks is not None else None
     saved, saved_calib = read_scores_file(args.scores) if args.scores is not None else (None, None)
     options = criterion_options(args) if args.criterion is not None else None  # mistakes before the load
+    declared = config_block_count(local_config(args.model, load_options(args)))  # None: known after the load
+    if declared is not None and blocks is not None:
+        validate_indices(blocks, declared)
+    elif declared is not None and args.criterion is not None:
+        check_request(declared, args.criterion, **selection_request(args))
     model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
     spec = get_arch(model)
     n = num_blocks(model, spec)

@@ -188,14 +188,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
-    from ..archs import get_arch
+    from ..archs import config_block_count, get_arch
     from ..choose import scoring_options
+    from ..data import check_source
     from ..criteria import score_blocks
     from ..io import library_versions, now_iso
-    from ..loading import load_for_scoring
+    from ..loading import load_for_scoring, local_config
     from ..scores_files import scores_record, write_scores_files
+    from ..selection import check_request
 
     fill_calibration_defaults(args)
+    if args.calib is not None:
+        check_source(args.calib)  # a missing, empty or binary file is told before the model loads
     options = criterion_options(args)  # option mistakes before the load too
     request = selection_request(args)
     given = [k for k, v in request.items() if v is not None]
@@ -203,6 +207,9 @@ def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
         raise ShortenedError(f"--{given[0].replace('_', '-')} is a selection request; 'shortened score' takes it "
                              "only with --criterion search (use 'shortened prune' to select)")
     options = scoring_options(args.criterion, options, **request)
+    declared = config_block_count(local_config(args.model, load_options(args)))  # None: known after the load
+    if args.criterion == "search" and declared is not None:
+        check_request(declared, args.criterion, **request)
     model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
     calib = calibration_from_args(args, model, tokenizer)
     scores = score_blocks(model, calib.ids if calib else None, args.criterion, **engine_options(args), **options)

@@ -47,6 +47,7 @@ def check_request(
     ``{flag_prefix}limit`` and so on in the message), a data folder that lacks a file the request needs."""
     from pathlib import Path
 
+    from ..data import check_text_file
     from .sources import PPL_SETS, check_local_files
 
     if limit is not None and limit < 1:
@@ -60,6 +61,9 @@ def check_request(
         if name not in PPL_SETS and name not in names and not Path(name).expanduser().is_file():
             known = ", ".join([*PPL_SETS, *names])
             raise ShortenedError(f"unknown perplexity set '{name}': use {known} or the path of a text file")
+    for name in ppl:
+        if name not in PPL_SETS and name not in names:
+            check_text_file(Path(name).expanduser())  # empty or binary: told before the model loads
     unknown = [t for t in tasks if t not in PAPER_TASKS]
     if unknown:
         raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_TASKS)}")

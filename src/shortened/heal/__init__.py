@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import ShortenedError
 from ..loading import LoadOptions
-from .data import HealingData, load_healing_data, subset_for_passes
+from .data import HealingData, check_healing_source, load_healing_data, subset_for_passes
 from .linear import DEFAULT_COSINE_LR, DEFAULT_COSINE_STEPS
 from .linear import DEFAULT_RIDGE as DEFAULT_LINEAR_RIDGE, DEFAULT_TOKENS as DEFAULT_LINEAR_TOKENS
 from .loop import TrainConfig, TrainResult, load_trainable_state, train
@@ -227,6 +227,8 @@ def heal(
     load = dataclasses.replace(load or LoadOptions(dtype=base.dtype), device_map=None)
     if out is not None:
         check_output_dir(out, overwrite)  # fail before any slow work
+    if not isinstance(data, HealingData):
+        check_healing_source(data)  # a missing or binary file is told before the model loads
     # bf16 is the loop's own autocast (TrainConfig.autocast), so accelerate's per-process precision stays as configured
     accelerator = Accelerator(mixed_precision=None if base.mixed_precision == "bf16" else base.mixed_precision,
                               cpu=load.device == "cpu")

@@ -218,8 +218,9 @@ def train(
 
     AdamW with linear warm-up and linear decay (as the HF Trainer of alpaca-lora), gradient clipping,
     validation every ``config.eval_interval`` steps (and at step 0 and the end), the best trainable
-    state by validation loss, and resumable checkpoints in ``checkpoint_dir``. The model is left in
-    its last state; ``result.best_state`` holds the best one.
+    state by validation loss (the untrained state included: ``best_step`` 0 when no trained step
+    validates better), and resumable checkpoints in ``checkpoint_dir``. The model is left in its last
+    state; ``result.best_state`` holds the best one.
     """
     from accelerate import Accelerator
 
@@ -255,7 +256,8 @@ def train(
         loss = float(sum(w * t for w, t in zip(objective.weights, terms.values())))
         entry = {"step": step, "val_loss": loss, **{f"val_{k}": v for k, v in terms.items()}}
         result.val_log.append(entry)
-        if step > 0 and (result.best_val_loss is None or loss < result.best_val_loss):
+        # Step 0 competes too: a run whose every trained step validates worse keeps the untrained weights.
+        if result.best_val_loss is None or loss < result.best_val_loss:
             result.best_step, result.best_val_loss = step, loss
             result.best_state = trainable_state(unwrapped)
 
