@@ -880,3 +880,38 @@ def test_a_teacher_with_fewer_blocks_than_the_kept_indices_is_refused():
     _check_teacher_blocks(teacher, None)
     with pytest.raises(ShortenedError, match="give the original"):
         _check_teacher_blocks(teacher, [0, 2, 7])
+
+
+def test_a_stale_kept_list_is_refused(tmp_path):
+    """A folder's kept_blocks no longer describe a model pruned again in memory: training bridges from them
+    would pair the wrong blocks."""
+    from shortened import load_model
+    from shortened.surgery import remove_blocks
+
+    _, pruned, text = pruned_folder(tmp_path, [2, 3])
+    model, tok = load_model(str(pruned))
+    remove_blocks(model, [1])
+    for method in ("reconstruct", "linear"):
+        with pytest.raises(ShortenedError, match=r"kept blocks \[0, 1, 4, 5\] do not match the model's 3 blocks"):
+            heal(model, str(text), method, tokenizer=tok, steps=1, seq_len=32, batch_size=2, **FAST)
+    with pytest.raises(ShortenedError, match="do not match the model's 3 blocks"):
+        heal(model, str(text), "reconstruct", tokenizer=tok, kept=[0, 4, 4], steps=1, seq_len=32, **FAST)
+
+
+def test_a_bf16_model_gets_a_bf16_teacher_and_keeps_its_cache_setting(tmp_path):
+    from transformers import AutoConfig
+
+    from shortened import load_model
+
+    _, pruned, text = pruned_folder(tmp_path, [2, 3])
+    model, tok = load_model(str(pruned), dtype="bf16")
+    assert model.config.use_cache
+    r = heal(model, str(text), "reconstruct", tokenizer=tok, steps=2, seq_len=32, batch_size=2, grad_accum=1,
+             out=tmp_path / "healed", **FAST)
+    assert next(r.model.parameters()).dtype == torch.bfloat16
+    # Off while training; the result and the saved folder build a KV cache again.
+    assert r.model.config.use_cache and AutoConfig.from_pretrained(tmp_path / "healed").use_cache
+    # A teacher given as a module in another dtype is refused with a reason, not a matmul error.
+    teacher, _ = load_model(str(tmp_path / "dense"))
+    with pytest.raises(ShortenedError, match="the teacher is torch.float32 and the model torch.bfloat16"):
+        heal(model, str(text), "reconstruct", tokenizer=tok, teacher=teacher, steps=1, seq_len=32, **FAST)

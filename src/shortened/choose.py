@@ -129,6 +129,9 @@ def choose(
     if scores is not None:
         if iterative:
             raise ShortenedError("--iterative re-scores after each removal, so it cannot start from given scores")
+        if criterion is not None and criterion != scores.criterion:
+            raise ShortenedError(f"the given scores are {scores.criterion}'s, not {criterion}'s: pass criterion=None "
+                                 "to select from them, or no scores to score with the criterion")
         check_request(n, scores.criterion, **request)
         _check_given_scores(scores, n, scores_file)
         plan = select_blocks(scores, contiguous=contiguous, **request)

@@ -84,11 +84,18 @@ def calibration_data(
     for name, v, low in (("n-samples", n_samples, 1), ("seq-len", seq_len, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ShortenedError(f"--{name} must be an integer >= {low}, got {v}")
+    if isinstance(seed, bool) or not isinstance(seed, int):  # None would draw other windows on every call
+        raise ShortenedError(f"--seed must be an integer, got {seed!r}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError("calibration needs a tokenizer object (load_model returns one), not a name or path")
     source = str(source)
     info: dict[str, Any] = {"source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
     if source == "self":
         if model is None:
             raise ShortenedError("--calib self samples text from the model, so it needs the model")
+        from .offload import check_in_memory
+
+        check_in_memory(model, "--calib self (text sampled from the model)")
         _check_position_limit(model, seq_len)  # before generating: far too long would not end
         ids = _self_generated(model, tokenizer, n_samples, seq_len, seed)
         info["kind"] = "self"

@@ -56,10 +56,10 @@ def default_cache_dir() -> Path:
 
 def runs_on_cuda(device: str | None = None) -> bool:
     """Whether work placed on ``device`` runs on CUDA (None: CUDA when available, as the loaders place it)."""
-    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
 
 
-def check_device(device: str | None) -> None:
+def check_device(device: str | torch.device | None) -> None:
     """Refuse a device torch does not know, or one this machine does not have, with one line."""
     if device is None:
         return
@@ -160,6 +160,7 @@ def load_model(
     files and the scoring engine reads one block at a time (for models larger than memory; scoring only).
     """
     spec = str(model)
+    device = str(device) if isinstance(device, torch.device) else device
     check_device(device)
     if blocks_on_disk:
         return _load_blocks_on_disk(spec, dtype=dtype, device=device or "cpu", device_map=device_map,

@@ -126,6 +126,15 @@ def disk_blocks(model: nn.Module) -> DiskBlocks | None:
     return _DISK.get(model)
 
 
+def check_in_memory(model: nn.Module, what: str) -> None:
+    """Refuse, with one line, work that runs the whole model on one whose blocks are on disk (only
+    scoring, pruning and saving read those block by block)."""
+    if disk_blocks(model) is not None:
+        raise ShortenedError(f"{what} runs the whole model, and this one was loaded with its blocks on disk "
+                             "(blocks_on_disk=True, --offload disk), for scoring and pruning only: load it "
+                             "without to do this")
+
+
 def _named_tensors(model: nn.Module):
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers()

@@ -37,9 +37,13 @@ class BlockScores:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BlockScores":
         try:
+            if not isinstance(d["scores"], list):
+                raise TypeError
             scores = [None if s is None else float(s) for s in d["scores"]]
             criterion = str(d["criterion"])
+            settings, extra = dict(d.get("settings", {})), dict(d.get("extra", {}))
         except (KeyError, TypeError, ValueError):
-            raise ShortenedError("not a scores file: expected 'criterion' and a list of numeric 'scores'") from None
-        return cls(criterion=criterion, scores=scores, settings=dict(d.get("settings", {})),
-                   span_scores=d.get("span_scores"), extra=dict(d.get("extra", {})))
+            raise ShortenedError("not a scores file: expected 'criterion', a list of numeric 'scores' and "
+                                 "objects for 'settings' and 'extra'") from None
+        return cls(criterion=criterion, scores=scores, settings=settings, span_scores=d.get("span_scores"),
+                   extra=extra)

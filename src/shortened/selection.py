@@ -17,7 +17,9 @@ Rules (tested as properties):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from fractions import Fraction
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,16 +64,20 @@ def blocks_to_remove(num_blocks_total: int, *, num_blocks: int | None = None, ra
     if (num_blocks is None) == (ratio is None):
         raise ShortenedError("give exactly one of --num-blocks and --ratio")
     if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1 or math.isnan(ratio):
+        if isinstance(ratio, (bool, str)) or not isinstance(ratio, numbers.Real):
+            raise ShortenedError(f"ratio must be a number strictly between 0 and 1, got {ratio!r}")
+        if not 0 < ratio < 1 or math.isnan(ratio):
             raise ShortenedError(f"ratio must be strictly between 0 and 1, got {ratio}")
-        k = math.floor(ratio * num_blocks_total + 0.5)
+        # The decimal the user wrote, not its binary float: 0.29 of 50 is 14.5, so 15 (0.29 * 50 is 14.499...).
+        k = math.floor(Fraction(repr(float(ratio))) * num_blocks_total + Fraction(1, 2))
         if k < 1:
             raise ShortenedError(f"ratio {ratio} of {num_blocks_total} blocks rounds to 0 blocks; use a larger ratio")
         if k >= num_blocks_total:
             raise ShortenedError(f"ratio {ratio} of {num_blocks_total} blocks would remove every block")
         return k
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ShortenedError(f"number of blocks to remove must be a positive integer, got {num_blocks}")
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral) or num_blocks < 1:
+        raise ShortenedError(f"number of blocks to remove must be a positive integer, got {num_blocks!r}")
+    num_blocks = int(num_blocks)
     if num_blocks >= num_blocks_total:
         raise ShortenedError(f"cannot remove {num_blocks} of {num_blocks_total} blocks: at least one must remain")
     return num_blocks
@@ -123,7 +129,7 @@ def select_blocks(
     ``scores`` is a :class:`BlockScores` or a plain list (None marks a block already removed).
     Protection defaults to the criterion's (4/2 for taylor and magnitude, else 0/0).
     """
-    bs = scores if isinstance(scores, BlockScores) else BlockScores("custom", list(scores))
+    bs = scores if isinstance(scores, BlockScores) else BlockScores("custom", _score_list(scores))
     values = bs.scores
     n = len(values)
     if n < 2:
@@ -132,6 +138,10 @@ def select_blocks(
     if bad:
         raise ShortenedError(f"the score of block {bad[0]} is not a number")
     k = blocks_to_remove(n, num_blocks=num_blocks, ratio=ratio)
+    present = sum(v is not None for v in values)
+    if k >= present:
+        raise ShortenedError(f"cannot remove {k} blocks: {present} of the {n} are present (None marks a removed "
+                             "one), and at least one must remain")
     first, last = _protection(bs.criterion, protect_first, protect_last)
     eligible = [i for i in range(first, n - last) if values[i] is not None]
     requested = {"num_blocks": num_blocks, "ratio": ratio, "k": k}
@@ -166,6 +176,25 @@ def select_blocks(
     plan.chosen_scores = {best[1]: best[0]}
     plan.requested["span_score"] = "span distance" if use_spans else "sum of block scores"
     return plan
+
+
+def _score_list(scores: Any) -> list[float | None]:
+    """Plain per-block scores as floats (numpy or torch numbers accepted; None kept): a mapping or text is
+    refused rather than read as its keys or characters."""
+    if hasattr(scores, "tolist") and not isinstance(scores, (list, tuple)):  # a numpy array or torch tensor
+        scores = scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise TypeError(f"scores must be a BlockScores or a list of numbers (None for a removed block), "
+                        f"got {type(scores).__name__}")
+    values: list[float | None] = []
+    for i, v in enumerate(scores):
+        if v is None:
+            values.append(None)
+        elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+            values.append(float(v))
+        else:
+            raise ShortenedError(f"the score of block {i} is not a number")
+    return values
 
 
 def _check_searched_set(scores: BlockScores, plan: PruningPlan) -> None:

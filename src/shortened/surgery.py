@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -15,10 +16,18 @@ def validate_indices(indices: Iterable[int], n_blocks: int) -> list[int]:
 
     Raises ShortenedError for an empty list, an index out of range, duplicates, or removing every block.
     """
+    if hasattr(indices, "tolist") and not isinstance(indices, (list, tuple)):  # a numpy array or torch tensor
+        indices = indices.tolist()
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise TypeError(f"block indices must be a list of integers, got {type(indices).__name__}")
     idx = list(indices)
     if not idx:
         raise ShortenedError("no blocks to remove were given")
-    bad = [i for i in idx if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_blocks]
+    kinds = [i for i in idx if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if kinds:
+        raise TypeError(f"block indices must be integers, got {kinds[0]!r} ({type(kinds[0]).__name__})")
+    idx = [int(i) for i in idx]  # numpy integers included
+    bad = [i for i in idx if not 0 <= i < n_blocks]
     if bad:
         raise ShortenedError(f"block index {bad[0]} is out of range: the model has {n_blocks} blocks (0..{n_blocks - 1})")
     dupes = sorted({i for i in idx if idx.count(i) > 1})

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..archs import get_arch
+from ..archs import check_seq_len, get_arch
 from ..engine import Engine
 from ..errors import ShortenedError
 from ..scores import BlockScores
@@ -115,7 +115,14 @@ def score_blocks(
         raise ShortenedError(f"criterion '{criterion}' has no option '{unknown[0]}' (its options: {valid})")
     if crit.needs_data and calib_ids is None:
         raise ShortenedError(f"criterion '{criterion}' needs calibration data (calib_ids)")
+    _check_engine_numbers(batch_size=batch_size, batch_tokens=batch_tokens, workers=workers, loss_chunk=loss_chunk,
+                          vocab_chunk=vocab_chunk)
+    from ..loading import check_device
+
+    check_device(device)
     spec = get_arch(model)
+    if crit.needs_data and isinstance(calib_ids, torch.Tensor) and calib_ids.dim() == 2:
+        check_seq_len(model, int(calib_ids.shape[1]), flag="calibration length")
     engine_kw: dict[str, Any] = {}
     if batch_tokens is not None:
         engine_kw["batch_tokens"] = batch_tokens
@@ -126,10 +133,16 @@ def score_blocks(
     if workers is not None:
         engine_kw["workers"] = workers
     mode = _offload_mode(model, offload)
-    with _offloaded(model, spec, mode, device) as exec_device:
-        engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip, batch_size=batch_size or crit.micro_batch,
-                        offload=bool(mode), device=exec_device, progress=progress, spec=spec, **engine_kw)
-        values, extra = crit.fn(engine, **options)
+    was_training = model.training
+    model.eval()  # dropout off: scores are of the model's function, the same on every call
+    try:
+        with _offloaded(model, spec, mode, device) as exec_device:
+            engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip,
+                            batch_size=batch_size or crit.micro_batch, offload=bool(mode), device=exec_device,
+                            progress=progress, spec=spec, **engine_kw)
+            values, extra = crit.fn(engine, **options)
+    finally:
+        model.train(was_training)
     if len(values) != len(engine.active):
         raise AssertionError(f"criterion {criterion} returned {len(values)} scores for {len(engine.active)} blocks")
     scores: list[float | None] = [None] * engine.num_blocks
@@ -142,6 +155,14 @@ def score_blocks(
     settings.update(skip=list(engine.skip), offload=mode)
     span = extra.pop("span_scores", None)
     return BlockScores(criterion=criterion, scores=scores, settings=settings, span_scores=span, extra=extra)
+
+
+def _check_engine_numbers(**values: int | None) -> None:
+    """Engine sizes are positive (the chunks may be 0: all at once); None leaves the default."""
+    for name, value in values.items():
+        least = 0 if name.endswith("_chunk") else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ShortenedError(f"{name} must be an integer of at least {least}, got {value!r}")
 
 
 def _offload_mode(model: nn.Module, offload: bool) -> str | bool:

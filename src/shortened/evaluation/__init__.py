@@ -71,6 +71,15 @@ def check_request(
         check_local_files(list(ppl), list(tasks), data_dir)
 
 
+def _check_vocabulary(model: nn.Module, tokenizer: Any, role: str) -> None:
+    """The tokenizer's ids must index the model's embedding (else an IndexError deep in a forward pass)."""
+    embeddings = model.get_input_embeddings()
+    size = getattr(embeddings, "num_embeddings", None)
+    if tokenizer is not None and isinstance(size, int) and len(tokenizer) > size:
+        raise ShortenedError(f"the tokenizer has {len(tokenizer)} tokens but {role} embeds only {size}: "
+                             "use the model's own tokenizer")
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -98,10 +107,18 @@ def evaluate(
     every metric and wall time, ``average`` (plain mean of the paper's metric over the tasks run),
     ``settings`` and library ``versions``.
     """
+    from ..offload import check_in_memory
+
+    ppl = [ppl] if isinstance(ppl, str) else list(ppl)  # one name, not its characters
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not ppl and not tasks:
         raise ShortenedError("nothing to evaluate: give at least one perplexity set or task")
-    if limit is not None and limit < 1:
-        raise ShortenedError(f"limit must be a positive number, got {limit}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ShortenedError(f"limit must be a positive integer, got {limit!r}")
+    for m, role in ((model, "the model"), (reference, "the reference")):
+        if m is not None:
+            check_in_memory(m, "evaluation")
+            _check_vocabulary(m, tokenizer, role)
     if batch_size < 1:
         raise ShortenedError(f"batch size must be positive, got {batch_size}")
     unknown = [t for t in tasks if t not in PAPER_METRICS]
@@ -113,6 +130,7 @@ def evaluate(
         check_seq_len(model, seq_len + int(bos), "--seq-len" + (" + BOS" if bos else ""))
     start = time.perf_counter()
     was_training = model.training
+    pad_token = getattr(tokenizer, "pad_token", None)  # lm-eval sets one; the caller's tokenizer gets its own back
     model.eval()
     try:
         perplexities = {
@@ -127,6 +145,8 @@ def evaluate(
                              limit=limit, add_bos_token=True if bos else None, progress=progress) if tasks else {}
     finally:
         model.train(was_training)
+        if tokenizer is not None and getattr(tokenizer, "pad_token", None) != pad_token:
+            tokenizer.pad_token = pad_token
     values = [zeroshot[t]["value"] for t in PAPER_METRICS if t in zeroshot]
     return {
         "format_version": 1,

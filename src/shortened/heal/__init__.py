@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ShortenedError
@@ -134,7 +135,7 @@ class HealSettings:
                                  f"got '{self.mixed_precision}'")
         if not self.teacher_cache_gb >= 0:
             raise ShortenedError(f"--teacher-cache-gb must be 0 or more, got {self.teacher_cache_gb}")
-        for name in ("batch_size", "grad_accum", "lora_r"):
+        for name in ("batch_size", "grad_accum", "lora_r", "max_examples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ShortenedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len is None or self.seq_len < 2:
@@ -210,6 +211,8 @@ def heal(
     the teacher's index of each block of ``model``; by default it is read from the input's pruning.json.
     ``load`` is how the model and the teacher are loaded (its dtype replaces the settings'; accelerate
     places the model, so its device map is not used and a device other than ``cpu`` is accelerate's).
+    A model given as a module is trained in place (pass a copy to keep the original); a teacher loaded
+    here takes the model's dtype.
     """
     from accelerate import Accelerator
 
@@ -248,6 +251,12 @@ def heal(
     if not isinstance(model, nn.Module):
         model, loaded_tokenizer = load.load(model_spec, device=device)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    from ..offload import check_in_memory
+
+    check_in_memory(model, "healing")
+    if any(m.needs_kept for m in chain):
+        _check_kept(kept, model)
+    use_cache = model.config.use_cache  # off while training (no cache to build), restored on the result
     model.config.use_cache = False
     if not isinstance(data, HealingData):
         from ..archs import check_seq_len
@@ -257,9 +266,16 @@ def heal(
 
     teacher_spec_used = None
     if any(m.needs_teacher for m in chain):
-        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, load, device)
+        student_dtype = next(model.parameters()).dtype
+        teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, load, device,
+                                                                              student_dtype)
         teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else loaded_teacher_tokenizer
         teacher.to(device)
+        teacher_dtype = next(teacher.parameters()).dtype
+        if any(m.needs_kept for m in chain) and teacher_dtype != student_dtype:
+            raise ShortenedError(f"the teacher is {teacher_dtype} and the model {student_dtype}: --method "
+                                 f"{next(m.name for m in chain if m.needs_kept)} passes hidden states between "
+                                 "them, so load both in the same dtype")
         _check_teacher_blocks(teacher, kept if any(m.needs_kept for m in chain) else None)
 
     datasets: dict[int, HealingData] = {}  # by sequence length: methods of a chain may differ
@@ -345,6 +361,7 @@ def heal(
             if prepared.adapter:
                 trained.save_pretrained(tmp / ADAPTER_DIR)
             final = prepared.finalize(trained)
+            final.config.use_cache = use_cache
             # save_model writes a complete folder; stage it inside and move its files up beside adapter/.
             staged = save_model(final, tokenizer, tmp / ".model", record)
             for item in staged.iterdir():
@@ -359,6 +376,7 @@ def heal(
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     else:
         final = prepared.finalize(trained)
+    final.config.use_cache = use_cache
     accelerator.wait_for_everyone()
     final.eval()
     return HealResult(final, tokenizer, record, run, Path(out) if out is not None else None, {"adapter": adapter})
@@ -411,14 +429,29 @@ def _check_teacher_blocks(teacher: nn.Module, kept: list[int] | None) -> None:
                              "model with more: give the original (unpruned) model as the teacher")
 
 
-def _load_teacher(teacher: Any, model_spec: str, load: LoadOptions, device: str) -> tuple[nn.Module, str, Any]:
-    """The teacher model, its spec, and its tokenizer (None when given as a module)."""
+def _check_kept(kept: list[int], model: nn.Module) -> None:
+    """``kept`` must name, in order, the teacher block behind each block of ``model``: a stale list (a model
+    pruned again in memory, a record that does not match the weights) would train the wrong blocks."""
+    from ..archs import num_blocks
+
+    n = num_blocks(model)
+    if (len(kept) != n or not all(isinstance(i, int) and i >= 0 for i in kept)
+            or any(a >= b for a, b in zip(kept, kept[1:]))):
+        raise ShortenedError(f"kept blocks {kept} do not match the model's {n} blocks: give kept= the original "
+                             "index of each present block, in order")
+
+
+def _load_teacher(teacher: Any, model_spec: str, load: LoadOptions, device: str,
+                  dtype: torch.dtype) -> tuple[nn.Module, str, Any]:
+    """The teacher model (loaded in the student's ``dtype`` unless the options name one), its spec, and its
+    tokenizer (None when given as a module)."""
     if isinstance(teacher, nn.Module):
         return teacher, str(getattr(teacher.config, "_name_or_path", "") or "<in-memory teacher>"), None
     from .distill import teacher_spec
 
     spec = os.fspath(teacher) if teacher is not None else teacher_spec(model_spec)
-    model, tok = load.load(spec, device=device)
+    # "auto" would pick the checkpoint's or the device's dtype, not necessarily the model's (a module in bf16).
+    model, tok = load.load(spec, device=device, **({"dtype": dtype} if load.dtype == "auto" else {}))
     return model, spec, tok
 
 

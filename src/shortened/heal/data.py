@@ -260,7 +260,8 @@ def load_healing_data(
     ``max_examples`` keeps the first N examples (after tokenising, before splitting).
     """
     if tokenizer is None:
-        raise ShortenedError("this model has no tokenizer: healing data must be tokenised (pass token ids via the API)")
+        raise ShortenedError("healing text needs a tokenizer: pass tokenizer= with a model given as a module (or a "
+                             "ready HealingData of token ids)")
     if seq_len < 2:
         raise ShortenedError(f"--seq-len must be at least 2, got {seq_len}")
     spec = str(spec)

@@ -110,6 +110,8 @@ def get_method(name: str) -> HealMethod:
 
 def parse_chain(spec: str | Sequence[str]) -> list[HealMethod]:
     """``"linear,reconstruct"`` (or a list of names) -> the methods, applied in that order."""
+    if not isinstance(spec, (str, list, tuple)):
+        raise ShortenedError(f"healing method must be a name, names joined by commas, or a list, got {spec!r}")
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
     if not names or any(not n for n in names):
         raise ShortenedError(f"healing method '{spec}': give one name or several joined by commas")
