@@ -4,6 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 # The CPU build lies on this machine's disk; on a GPU machine an importable system torch is kept instead.
 TORCH   ?= torch==2.13.0
+# No pip cache: the wheels are local or re-downloadable, and CI machines are tight on disk.
+export PIP_NO_CACHE_DIR ?= 1
 # Converted GGUF models are cached here, so only the first run pays the ~30 s conversion.
 export SHORTENED_CACHE ?= $(CURDIR)/.cache
 PYTEST_ARGS ?=
