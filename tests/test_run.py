@@ -200,3 +200,20 @@ def test_run_linear_chain_end_to_end(tiny_with_tokenizer, tmp_path):
     assert "`linear,reconstruct`" in card and "1. `linear`: " in card and "2. `reconstruct`: steps 2" in card
     first = h["stages"][0]["bridges"][0]
     assert f"after block {first['end']}: {first['error_removed']:.3f} -> {first['error_bridged']:.3f}" in card
+
+
+def test_a_changed_dtype_reruns_every_stage_that_loads_the_source(tiny_with_tokenizer, tmp_path, capsys):
+    """dtype changes the weights every stage computes with: no stage of the float32 run may be reused."""
+    out = tmp_path / "out"
+    argv = ["run", str(tiny_with_tokenizer), "--criterion", "bi", "--calib", "self", "--n-samples", "2",
+            "--seq-len", "16", "--num-blocks", "1", "--heal", "none", "--eval", "none", "--bench", "none",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "running" not in again and again.count("skipped") >= 3
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    changed = capsys.readouterr().out
+    assert "skipped" not in changed, changed
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

@@ -150,6 +150,10 @@ class RunConfig:
         return list(PAPER_TASKS) if self.data_dir else []
 
 
+#: Load options that change what a loaded model computes, with their defaults (the keys of LoadOptions).
+_SOURCE_DEFAULTS: dict[str, Any] = {"dtype": "auto", "revision": None, "trust_remote_code": False}
+
+
 class Pipeline:
     """Runs the stages of a ``RunConfig``; each stage is a method, the dense model is loaded once."""
 
@@ -173,13 +177,21 @@ class Pipeline:
 
         return load_model(str(folder), **self.c.load)
 
+    @property
+    def source(self) -> str | dict[str, Any]:
+        """The source model as the stages that load it depend on it: its spec, plus the load options that
+        change its weights or numerics (dtype, revision, remote code) where they differ from the defaults,
+        so that changing one re-runs those stages (and, through their tokens, everything after them)."""
+        changed = {k: self.c.load.get(k) for k, default in _SOURCE_DEFAULTS.items() if self.c.load.get(k, default) != default}
+        return {"model": self.c.model, **changed} if changed else self.c.model
+
     # -- stages ------------------------------------------------------------------------------------
     def calibration(self) -> tuple[torch.Tensor, dict[str, Any]]:
         from safetensors.torch import load_file, save_file
 
         from .choose import calibration_for
 
-        settings = dict(model=self.c.model, calib=self.c.calib, n_samples=self.c.n_samples,
+        settings = dict(model=self.source, calib=self.c.calib, n_samples=self.c.n_samples,
                         seq_len=self.c.seq_len, seed=self.c.seed)
 
         def work(tmp: Path) -> None:
@@ -197,7 +209,7 @@ class Pipeline:
         """Score the blocks and choose the ones to remove; returns the ``selection`` record."""
         from .criteria import get_criterion
 
-        settings = dict(model=self.c.model, criterion=self.c.criterion, ratio=self.c.ratio,
+        settings = dict(model=self.source, criterion=self.c.criterion, ratio=self.c.ratio,
                         num_blocks=self.c.num_blocks, protect_first=self.c.protect_first,
                         protect_last=self.c.protect_last, iterative=self.c.iterative, contiguous=self.c.contiguous,
                         search=self.c.search)
@@ -233,7 +245,7 @@ class Pipeline:
 
     def pruned(self) -> Path:
         selection = self.selection()
-        settings = {"scores": self.stages.token("scores"), "model": self.c.model}
+        settings = {"scores": self.stages.token("scores"), "model": self.source}
 
         def work(tmp: Path) -> None:
             from .io import pruning_record, save_model
@@ -293,7 +305,7 @@ class Pipeline:
         return self.stages.run("healed", settings, work)
 
     def _sampled_text(self, name: str, n: int, seed: int) -> Path:
-        settings = dict(model=self.c.model, n=n, seq_len=self.c.seq_len, seed=seed)
+        settings = dict(model=self.source, n=n, seq_len=self.c.seq_len, seed=seed)
 
         def work(tmp: Path) -> None:
             from .data import calibration_ids
@@ -310,7 +322,7 @@ class Pipeline:
         if "heldout" in ppl:
             held = self._sampled_text("heldout", n=self.c.heldout_samples, seed=self.c.seed + 1)
             ppl = [str(held / "heldout.txt") if p == "heldout" else p for p in ppl]
-        settings = dict(model=self.c.model if folder is None else self.stages.token(folder.name), ppl=ppl,
+        settings = dict(model=self.source if folder is None else self.stages.token(folder.name), ppl=ppl,
                         tasks=self.c.task_names, data_dir=self.c.data_dir, limit=self.c.eval_limit,
                         seq_len=self.c.eval_seq_len, batch_size=self.c.eval_batch_size)
 
