@@ -89,6 +89,19 @@ def test_prompt_masking_handmade_example():
     assert len(cut["input_ids"]) == len(prompt) + 3 and cut["input_ids"][-1] != tok.eos_token_id
 
 
+def test_alpaca_cut_off_leaves_the_tokenizer_as_it_was():
+    """The healed model's saved tokenizer.json must not cut its users' inputs at the healing cut-off."""
+    tok = char_tokenizer()
+    record = {"instruction": "Add 2 and 3.", "input": "", "output": "It is 5, and that is all there is to it."}
+    cutoff = len(alpaca_prompt("Add 2 and 3.")) + 4
+    ex = tokenize_alpaca(record, tok, cutoff=cutoff)
+    assert tok.backend_tokenizer.truncation is None
+    # The same ids as the tokenizer's own truncation (which is what leaves the setting behind).
+    reference = char_tokenizer()(alpaca_prompt("Add 2 and 3.") + record["output"], truncation=True,
+                                 max_length=cutoff)["input_ids"]
+    assert ex["input_ids"] == reference
+
+
 def test_loss_counts_response_tokens_only():
     tok = char_tokenizer()
     ex = tokenize_alpaca({"instruction": "Name a colour.", "input": "", "output": "Red."}, tok)

@@ -70,18 +70,28 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def _encode_cut(tokenizer: Any, text: str, cutoff: int) -> list[int]:
+    """The ids of ``text`` cut to ``cutoff`` tokens on the tokenizer's truncation side. Cut here rather
+    than by ``truncation=True``, which leaves the truncation setting in a fast tokenizer's backend, so the
+    saved tokenizer.json would cut every later user's input at ``cutoff``."""
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) <= cutoff:
+        return ids
+    return ids[-cutoff:] if getattr(tokenizer, "truncation_side", "right") == "left" else ids[:cutoff]
+
+
 def tokenize_alpaca(record: dict[str, str], tokenizer: Any, cutoff: int = 256,
                     train_on_inputs: bool = False) -> Example:
     """Tokenise one Alpaca record as alpaca-lora does: prompt + response, truncated to ``cutoff``
     tokens, EOS appended when it fits, and the prompt tokens labelled -100 (unless ``train_on_inputs``)."""
     prompt = alpaca_prompt(record["instruction"], record.get("input") or "")
-    full = tokenizer(prompt + record["output"], truncation=True, max_length=cutoff)["input_ids"]
+    full = _encode_cut(tokenizer, prompt + record["output"], cutoff)
     eos = tokenizer.eos_token_id
     if eos is not None and len(full) < cutoff and (not full or full[-1] != eos):
         full = full + [eos]
     labels = list(full)
     if not train_on_inputs:
-        prompt_ids = tokenizer(prompt, truncation=True, max_length=cutoff)["input_ids"]
+        prompt_ids = _encode_cut(tokenizer, prompt, cutoff)
         # The prompt's tokens are a prefix of the full text's, except where the tokenizer merges across
         # the prompt/response boundary; then only the common prefix counts as prompt.
         n = 0
