@@ -217,3 +217,24 @@ def test_a_changed_dtype_reruns_every_stage_that_loads_the_source(tiny_with_toke
     changed = capsys.readouterr().out
     assert "skipped" not in changed, changed
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_rerun_with_fewer_outputs_leaves_nothing_of_the_earlier_model(tiny_with_tokenizer, tmp_path, capsys):
+    """The folder is what gets published: a loss plot or results of the earlier, healed model must go."""
+    out = tmp_path / "out"
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog."] * 60))
+    base = ["run", str(tiny_with_tokenizer), "--criterion", "bi", "--calib", "self", "--n-samples", "2",
+            "--seq-len", "16", "--num-blocks", "1", "--bench", "none", "--no-progress", "--out", str(out)]
+    argv = [*base, "--eval", str(text), "--eval-limit", "2", "--eval-seq-len", "16"]
+    assert main([*argv, "--heal", "full", "--heal-data", str(text), "--heal-steps", "2", "--heal-seq-len", "16",
+                 "--heal-batch-size", "2", "--heal-grad-accum", "1"]) == 0
+    assert (out / "loss.png").is_file() and len(list((out / "results").glob("eval-*.json"))) == 3
+    assert main([*argv, "--heal", "none"]) == 0
+    assert not (out / "loss.png").exists()
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["eval-original.json", "eval-pruned-one-shot.json"]
+    assert main([*base, "--eval", "none", "--heal", "none"]) == 0
+    assert not (out / "results").exists()
+    kept = {p.name for p in out.iterdir()}
+    assert {"README.md", "pruning.json", "config.json", "model.safetensors", "scores.png", "stages"} <= kept
+    capsys.readouterr()

@@ -28,6 +28,9 @@ from .stages import STAGE_FILE, StageRunner
 
 #: Files of the final model copied (hard-linked when possible) from its stage folder to OUT.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt")
+#: Plots put beside the model: (stage, file); stage None is the final model's own stage.
+_PLOTS: tuple[tuple[str | None, str], ...] = (("scores", "scores.png"), ("scores", "scores-search.png"),
+                                              ("bench", "bench.png"), (None, "loss.png"))
 HELDOUT_NOTE = ("Perplexity on held-out text sampled from the dense model itself (no data folder was given): "
                 "a quick sanity check of how much of the original distribution survives, not a benchmark.")
 
@@ -381,22 +384,36 @@ class Pipeline:
         from .card import model_card, source_license
         from .loading import resolve_local_folder
 
+        model_files = set()
         for item in final.iterdir():
             if item.is_file() and item.suffix in _MODEL_FILE_SUFFIXES and item.name != "stage.json":
                 _link_or_copy(item, self.out / item.name)
+                model_files.add(item.name)
         plots = []
-        for stage, name in (("scores", "scores.png"), ("scores", "scores-search.png"), ("bench", "bench.png"),
-                            (final.name, "loss.png")):
-            src = self.stages.folder(stage) / name
+        for stage, name in _PLOTS:
+            src = self.stages.folder(stage if stage else final.name) / name
             if src.is_file():
                 _link_or_copy(src, self.out / name)
                 plots.append(name)
         results = self.out / "results"
-        results.mkdir(exist_ok=True)
+        written = {f"eval-{_slug(role)}.json" for role, _ in evaluations} | ({"bench.json"} if bench else set())
+        if written:
+            results.mkdir(exist_ok=True)
         for role, r in evaluations:
             write_json(results / f"eval-{_slug(role)}.json", r)
         if bench:
             write_json(results / "bench.json", bench)
+        # What an earlier run with other settings put here and this one did not (a loss plot after --heal
+        # none, another model's results) would be published with this model: remove it.
+        stale = [p for p in self.out.iterdir() if p.is_file() and not p.name.startswith(".") and
+                 ((p.suffix in _MODEL_FILE_SUFFIXES and p.name not in model_files and p.name != RECORD_FILE) or
+                  (p.name in {n for _, n in _PLOTS} and p.name not in plots))]
+        if results.is_dir():
+            stale += [p for p in results.iterdir() if p.is_file() and p.name not in written]
+        for path in stale:
+            path.unlink()
+        if results.is_dir() and not any(results.iterdir()):
+            results.rmdir()
         record = read_json(final / RECORD_FILE)
         record["run"] = {"config": _jsonable(dataclasses.asdict(self.c)), "stages_run": self.stages.ran,
                          "stages_skipped": self.stages.skipped}
