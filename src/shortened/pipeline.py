@@ -421,7 +421,7 @@ class Pipeline:
         local = resolve_local_folder(self.c.model, self.c.load.get("cache_dir"))
         notes = [HELDOUT_NOTE] if "heldout" in self.c.ppl_sets else []
         card = model_card(record, evaluations=evaluations, bench=bench, plots=plots,
-                          license=source_license(self.c.model, local), notes=notes)
+                          license=source_license(self.c.model, local), notes=notes, repo_name=self.c.push_to_hub)
         write_text(self.out / "README.md", card)
 
 
