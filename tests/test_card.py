@@ -40,3 +40,19 @@ def test_repo_name_reaches_the_usage_and_healing_says_what_it_used():
     for shown in ("steps 3", "passes 4.0", "mixed_precision bf16", "seed 0", "warmup_steps 3"):
         assert shown in healing, shown
     assert "lora_r" not in healing  # not a LoRA run
+
+
+def test_sampled_healing_text_and_a_search_are_described_not_pathed():
+    record = pruning_record("org/model", 6, [0, 1, 2, 5], model_type="llama",
+                            selection={"method": "lowest", "criterion": "search", "scores": {"extra": {"search": {
+                                "fitness": 0.5893, "start": "angular contiguous",
+                                "settings": {"fitness": "kl", "generations": 30, "offspring": 16, "seed": 1234,
+                                             "sets_measured": 358}}}}})
+    record["healing"] = {"method": "reconstruct", "data": {"source": "/x/stages/heal-data/heal-data.txt",
+                                                            "kind": "text", "train_examples": 40}, "settings": {}}
+    card = model_card(record, data_labels={"/x/stages/heal-data/heal-data.txt": "text sampled from the source model"})
+    assert "stages/heal-data" not in card and "text sampled from the source model" in card
+    search = next(line for line in card.splitlines() if line.startswith("- **Block-set search:**"))
+    for shown in ("fitness kl", "30 generations of 16 offspring", "seed 1234", "358 sets", "angular contiguous",
+                  "final fitness 0.5893"):
+        assert shown in search, shown

@@ -235,6 +235,8 @@ def test_a_rerun_with_fewer_outputs_leaves_nothing_of_the_earlier_model(tiny_wit
     assert sorted(p.name for p in (out / "results").iterdir()) == ["eval-original.json", "eval-pruned-one-shot.json"]
     assert main([*base, "--eval", "none", "--heal", "none"]) == 0
     assert not (out / "results").exists()
+    recorded = json.loads((out / "pruning.json").read_text())["run"]["config"]["command_line"]
+    assert recorded.startswith("shortened run ") and recorded.endswith("--eval none --heal none")
     kept = {p.name for p in out.iterdir()}
     assert {"README.md", "pruning.json", "config.json", "model.safetensors", "scores.png", "stages"} <= kept
     capsys.readouterr()

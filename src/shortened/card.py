@@ -48,7 +48,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
-def _method_lines(record: dict[str, Any]) -> list[str]:
+def _method_lines(record: dict[str, Any], data_labels: dict[str, str]) -> list[str]:
     sel = record.get("selection") or {}
     source = str(record.get("source"))
     origin = (f"[{ALIAS_ORIGINS[source][0]}](https://huggingface.co/{ALIAS_ORIGINS[source][0]}), "
@@ -69,7 +69,15 @@ def _method_lines(record: dict[str, Any]) -> list[str]:
             extra.append("iterative: re-scored after each removal")
         if sel.get("method") == "contiguous":
             extra.append("one contiguous span")
-        lines.append(f"- **Importance criterion:** `{sel['criterion']}`" + (f" ({'; '.join(extra)})" if extra else ""))
+        search = ((sel.get("scores") or {}).get("extra") or {}).get("search")
+        if sel["criterion"] == "search" and isinstance(search, dict):
+            st = search.get("settings", {})
+            extra.insert(0, f"fitness {st.get('fitness')}, {st.get('generations')} generations of "
+                            f"{st.get('offspring')} offspring, seed {st.get('seed')}, {st.get('sets_measured')} sets "
+                            f"measured; started from {search.get('start')}, final fitness {search.get('fitness'):.4g}")
+            lines.append("- **Block-set search:** evolutionary (EvoPress-style)" + f" ({'; '.join(extra)})")
+        else:
+            lines.append(f"- **Importance criterion:** `{sel['criterion']}`" + (f" ({'; '.join(extra)})" if extra else ""))
     else:
         lines.append("- **Selection:** an explicit list of blocks")
     calib = sel.get("calibration")
@@ -83,7 +91,8 @@ def _method_lines(record: dict[str, Any]) -> list[str]:
             used = data.get("train_examples_used")  # --passes trains on a subset
             examples = (f"{used} of {data.get('train_examples', '?')} training examples used"
                         if used is not None else f"{data.get('train_examples', '?')} training examples")
-            data = f"{data.get('source')}` ({data.get('kind', 'data')}, {examples})"
+            label = data_labels.get(str(data.get("source")))
+            data = (f"{label}` ({examples})" if label else f"{data.get('source')}` ({data.get('kind', 'data')}, {examples})")
         else:
             data = f"{data}`"
         stages = [_healing_stage(stage) for stage in heal.get("stages", [heal])]
@@ -148,8 +157,10 @@ def model_card(
     license: str | None = None,
     repo_name: str | None = None,
     notes: Sequence[str] = (),
+    data_labels: dict[str, str] | None = None,
 ) -> str:
-    """The README.md of a pruned model folder: front matter, method, results, efficiency, usage, citation."""
+    """The README.md of a pruned model folder: front matter, method, results, efficiency, usage, citation.
+    ``data_labels`` describe healing data paths that mean nothing to a reader (text sampled by the run)."""
     if not record:
         raise ShortenedError("a model card needs the pruning record (pruning.json)")
     source = str(record.get("source"))
@@ -168,7 +179,7 @@ def model_card(
              "one-shot depth pruning, following *Shortened LLaMA: A Simple Depth Pruning for Large Language Models* "
              "(Kim et al., 2024). Made with [shortened](https://pypi.org/project/shortened/). It is a plain "
              "Hugging Face model: no custom code is needed to load it, and the KV cache works as usual.",
-             "## Method", "\n".join(_method_lines(record))]
+             "## Method", "\n".join(_method_lines(record, dict(data_labels or {})))]
     if evaluations:
         from .evaluation.tables import markdown_table
 

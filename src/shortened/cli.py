@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shortened`` console script; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # The command as typed, for the records a run writes (reproducing it needs the exact line).
+    args.command_line = shlex.join(["shortened", *(sys.argv[1:] if argv is None else map(str, argv))])
     try:
         if getattr(args, "no_progress", False):
             _hide_library_progress_bars()

@@ -31,6 +31,7 @@ _MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt")
 #: Plots put beside the model: (stage, file); stage None is the final model's own stage.
 _PLOTS: tuple[tuple[str | None, str], ...] = (("scores", "scores.png"), ("scores", "scores-search.png"),
                                               ("bench", "bench.png"), (None, "loss.png"))
+HEAL_TEXT_SAMPLES = 32  # texts sampled from the source model for healing when no healing data is at hand
 HELDOUT_NOTE = ("Perplexity on held-out text sampled from the dense model itself (no data folder was given): "
                 "a quick sanity check of how much of the original distribution survives, not a benchmark.")
 
@@ -78,6 +79,7 @@ class RunConfig:
     progress: bool = True
     force: bool = False
     push_to_hub: str | None = None
+    command_line: str | None = None  # recorded only: the command that started the run
 
     def check(self) -> None:
         """Refuse bad settings before any (slow) work; the block count is checked against the model later."""
@@ -279,7 +281,7 @@ class Pipeline:
             name = "gutenberg" if self.c.heal_data_kind == "books" else "alpaca/alpaca_data_2k_subset.json"
             if (Path(self.c.data_dir) / name).exists():
                 return str(Path(self.c.data_dir) / name)
-        folder = self._sampled_text("heal-data", n=32, seed=self.c.seed + 2)
+        folder = self._sampled_text("heal-data", n=HEAL_TEXT_SAMPLES, seed=self.c.seed + 2)
         return str(folder / "heal-data.txt")
 
     def healed(self, pruned: Path) -> Path | None:
@@ -420,7 +422,10 @@ class Pipeline:
         write_json(self.out / RECORD_FILE, record)
         local = resolve_local_folder(self.c.model, self.c.load.get("cache_dir"))
         notes = [HELDOUT_NOTE] if "heldout" in self.c.ppl_sets else []
-        card = model_card(record, evaluations=evaluations, bench=bench, plots=plots,
+        sampled = str(self.stages.folder("heal-data") / "heal-data.txt")  # heal_text()'s last resort
+        labels = {sampled: f"text sampled from the source model ({HEAL_TEXT_SAMPLES} samples of {self.c.seq_len} "
+                           f"tokens, seed {self.c.seed + 2})"}
+        card = model_card(record, evaluations=evaluations, bench=bench, plots=plots, data_labels=labels,
                           license=source_license(self.c.model, local), notes=notes, repo_name=self.c.push_to_hub)
         write_text(self.out / "README.md", card)
 

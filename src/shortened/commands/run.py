@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         bench_output_lens=parse_int_list(args.bench_output_lens, "output lengths"),
         bench_repeats=args.bench_repeats,
         load=load_options(args).kwargs(), progress=not args.no_progress,
-        force=args.force, push_to_hub=args.push_to_hub,
+        force=args.force, push_to_hub=args.push_to_hub, command_line=getattr(args, "command_line", None),
     )
     out = run_pipeline(config)
     if args.push_to_hub:

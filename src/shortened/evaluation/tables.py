@@ -101,7 +101,7 @@ def _notes(results: Sequence[dict[str, Any]]) -> list[str]:
     partial = [r.get("name", "?") for r in results
                if r.get("average") is not None and len(r.get("average_over", [])) < len(PAPER_METRICS)]
     if partial:
-        notes.append(f"Average over fewer than the seven tasks for: {', '.join(partial)}.")
+        notes.append("Average over fewer than the seven tasks for: " + "; ".join(f"*{p}*" for p in partial) + ".")
     return notes
 
 
