@@ -40,6 +40,11 @@ def test_indices_that_are_not_integers_are_a_type_error(indices):
     assert len(S.get_blocks(model)) == N_LAYERS
 
 
+def test_a_module_that_is_not_a_hugging_face_model_is_a_type_error():
+    with pytest.raises(TypeError, match="expected a Hugging Face causal LM"):
+        S.remove_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), [0])
+
+
 # ------------------------------------------------------------------------------------------ selection
 
 

@@ -156,6 +156,8 @@ def get_arch(model: nn.Module, *, allow_generic: bool = True) -> ArchSpec:
     Raises ShortenedError when the type is unknown and either ``allow_generic`` is False or no
     unambiguous block list can be found.
     """
+    if getattr(model, "config", None) is None:
+        raise TypeError(f"expected a Hugging Face causal LM (a model with a .config), got {type(model).__name__}")
     model_type = getattr(model.config, "model_type", None)
     spec = _BY_TYPE.get(model_type)
     if spec is not None:
