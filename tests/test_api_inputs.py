@@ -189,3 +189,10 @@ def test_evaluate_takes_one_name_as_a_set_and_refuses_a_foreign_tokenizer(tmp_pa
         S.evaluate(big, tok, ppl=str(text), tasks=[], seq_len=16, progress=False)
     with pytest.raises(ShortenedError, match="limit must be a positive integer, got 2.5"):
         S.evaluate(model, tok, ppl=str(text), tasks=[], limit=2.5)
+
+
+def test_scores_record_the_dtype_and_device_they_were_computed_in():
+    settings = S.score_blocks(tiny_model("llama"), ids(), "bi", progress=False).settings
+    assert settings["dtype"] == "float32" and settings["device"] == "cpu"
+    bf16 = S.score_blocks(tiny_model("llama").to(torch.bfloat16), ids(), "bi", progress=False).settings
+    assert bf16["dtype"] == "bfloat16"

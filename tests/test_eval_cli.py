@@ -142,3 +142,17 @@ def test_help_has_examples(capsys):
         cli.main(["eval", "--help"])
     assert exc.value.code == 0
     assert "shortened eval --compare" in capsys.readouterr().out
+
+
+def test_compare_flags_rows_evaluated_with_other_settings():
+    from shortened.evaluation.tables import markdown_table
+
+    def result(seq_len, limit, dtype):
+        return {"name": "m", "settings": {"seq_len": seq_len, "limit": limit, "bos": False},
+                "model": {"dtype": dtype}, "perplexity": {"wikitext2": {"value": 40.0}}}
+
+    same = markdown_table([result(128, 5, "float32"), result(128, 5, "float32")], names=["a", "b"])
+    assert "Settings differ" not in same and "Partial evaluation: --limit 5" in same
+    mixed = markdown_table([result(128, None, "float32"), result(64, 5, "bfloat16")], names=["a", "b"])
+    assert "seq_len: 128 (*a*), 64 (*b*)" in mixed and "dtype: float32 (*a*), bfloat16 (*b*)" in mixed
+    assert "full (*a*), --limit 5 (*b*)" in mixed

@@ -1,7 +1,8 @@
 """``shortened score MODEL --criterion C --calib SRC --out scores.json``: score every block.
 
 Writes the scores as JSON (criterion, scores, settings, calibration, library versions), the same as
-CSV next to it (``scores.csv``), and a bar chart (``scores.png``). Lower score = less important.
+CSV next to it (named after OUT: ``bi.json`` -> ``bi.csv``), and a bar chart (``bi.png``; a search also
+plots its fitness, ``bi-search.png``). Lower score = less important.
 """
 
 from __future__ import annotations

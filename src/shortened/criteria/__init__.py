@@ -141,6 +141,7 @@ def score_blocks(
                             batch_size=batch_size or crit.micro_batch, offload=bool(mode), device=exec_device,
                             progress=progress, spec=spec, **engine_kw)
             values, extra = crit.fn(engine, **options)
+            ran_on = str(engine.device)
     finally:
         model.train(was_training)
     if len(values) != len(engine.active):
@@ -152,7 +153,9 @@ def score_blocks(
     if crit.needs_data and calib_ids is not None:
         settings.update(n_samples=int(calib_ids.shape[0]), seq_len=int(calib_ids.shape[1]),
                         batch_size=engine.batch_size)
-    settings.update(skip=list(engine.skip), offload=mode)
+    # dtype and device change the scores in their last digits, and sometimes the order: recorded with them.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    settings.update(skip=list(engine.skip), offload=mode, dtype=str(dtype).removeprefix("torch."), device=ran_on)
     span = extra.pop("span_scores", None)
     return BlockScores(criterion=criterion, scores=scores, settings=settings, span_scores=span, extra=extra)
 

@@ -84,25 +84,46 @@ def markdown_table(results: Sequence[dict[str, Any]], names: Sequence[str] | Non
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    notes = _notes(results)
+    notes = _notes(results, names)
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 
-def _notes(results: Sequence[dict[str, Any]]) -> list[str]:
-    """Footnotes that keep rows honest: limits and averages over fewer than seven tasks."""
+def _notes(results: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
+    """Footnotes that keep rows honest: limits, settings that differ between rows, averages over fewer than
+    seven tasks; each names the rows it applies to when they are not all alike."""
     notes = []
-    limits = {r.get("settings", {}).get("limit") for r in results} - {None}
-    if limits:
-        notes.append(f"Partial evaluation: --limit {', '.join(str(x) for x in sorted(limits))} "
+    limits = [r.get("settings", {}).get("limit") for r in results]
+    if len(set(limits)) == 1 and limits[0] is not None:
+        notes.append(f"Partial evaluation: --limit {limits[0]} "
                      "(first N items per task, first N chunks per perplexity set).")
+    elif any(x is not None for x in limits):
+        notes.append("Partial evaluation (first N items per task, first N chunks per perplexity set): "
+                     + _by_row(limits, names, lambda x: f"--limit {x}" if x is not None else "full") + ".")
+    differing = []
+    for label, values in (("seq_len", [r.get("settings", {}).get("seq_len") for r in results]),
+                          ("bos", [r.get("settings", {}).get("bos") for r in results]),
+                          ("dtype", [r.get("model", {}).get("dtype") for r in results])):
+        if len(set(map(str, values))) > 1:
+            differing.append(f"{label}: " + _by_row(values, names, str))
+    if differing:
+        notes.append("**Settings differ between rows, so their numbers are not directly comparable:** "
+                     + "; ".join(differing) + ".")
     if any("kl_to_reference" in e for r in results for e in r.get("perplexity", {}).values()):
         notes.append("KL: mean per-token KL(reference || model) of the next-token distributions on the same chunks "
                      "(--reference).")
-    partial = [r.get("name", "?") for r in results
+    partial = [name for name, r in zip(names, results)
                if r.get("average") is not None and len(r.get("average_over", [])) < len(PAPER_METRICS)]
     if partial:
         notes.append("Average over fewer than the seven tasks for: " + "; ".join(f"*{p}*" for p in partial) + ".")
     return notes
+
+
+def _by_row(values: Sequence[Any], names: Sequence[str], show: Any) -> str:
+    """"A (*row 1*, *row 2*), B (*row 3*)": each distinct value with the rows that have it."""
+    groups: dict[str, list[str]] = {}
+    for value, name in zip(values, names):
+        groups.setdefault(show(value), []).append(f"*{name}*")
+    return ", ".join(f"{value} ({', '.join(rows)})" for value, rows in groups.items())
 
 
 def compare_files(paths: Sequence[str | os.PathLike]) -> str:
