@@ -383,14 +383,15 @@ def save_model(
     if record is not None and not isinstance(record, dict):
         raise TypeError(f"the record must be a dict such as pruning_record() returns, got {type(record).__name__}")
     on_disk = disk_blocks(model) is not None
-    kept = kept if kept is not None else (record or {}).get("kept_blocks")
-    if not on_disk and isinstance((record or {}).get("kept_blocks"), list):
+    recorded = (record or {}).get("kept_blocks")
+    kept = kept if kept is not None else recorded
+    if not on_disk and isinstance(recorded, list):
         from .archs import num_blocks
 
         present = num_blocks(model)
-        if len(record["kept_blocks"]) != present:  # type: ignore[index]
-            raise ShortenedError(f"the record keeps {len(record['kept_blocks'])} blocks but the model has "  # type: ignore[index]
-                                 f"{present}: build it from the indices remove_blocks returned for this model")
+        if len(recorded) != present:
+            raise ShortenedError(f"the record keeps {len(recorded)} blocks but the model has {present}: build it "
+                                 "from the indices remove_blocks returned for this model")
     if on_disk and kept is None:
         raise ShortenedError("a model with its blocks on disk is saved with its pruning record (kept_blocks)")
     with atomic_output_dir(out, overwrite) as tmp:
@@ -417,12 +418,14 @@ def pruning_record(
     original index of each remaining block (what :func:`~shortened.surgery.remove_blocks` returns)."""
     import operator
 
+    from .surgery import is_kept_list
+
     try:
         kept = [operator.index(i) for i in kept]
         original_num_blocks = operator.index(original_num_blocks)
     except TypeError:
         raise TypeError("pruning_record needs integer block indices and an integer block count") from None
-    if not kept or kept[0] < 0 or kept[-1] >= original_num_blocks or any(a >= b for a, b in zip(kept, kept[1:])):
+    if not kept or not is_kept_list(kept) or kept[-1] >= original_num_blocks:
         raise ShortenedError(f"kept blocks {kept} are not increasing original indices of a "
                              f"{original_num_blocks}-block model with at least one block left")
     removed = sorted(set(range(original_num_blocks)) - set(kept))

@@ -168,6 +168,7 @@ class Pipeline:
         self.log = log
         self.stages = StageRunner(self.out / "stages", force=config.force, log=log)
         self._dense: tuple[Any, Any] | None = None
+        self._data_labels: dict[str, str] = {}  # data paths the card describes instead (text sampled by the run)
 
     # -- helpers -----------------------------------------------------------------------------------
     def dense(self) -> tuple[Any, Any]:
@@ -281,8 +282,11 @@ class Pipeline:
             name = "gutenberg" if self.c.heal_data_kind == "books" else "alpaca/alpaca_data_2k_subset.json"
             if (Path(self.c.data_dir) / name).exists():
                 return str(Path(self.c.data_dir) / name)
-        folder = self._sampled_text("heal-data", n=HEAL_TEXT_SAMPLES, seed=self.c.seed + 2)
-        return str(folder / "heal-data.txt")
+        seed = self.c.seed + 2
+        path = str(self._sampled_text("heal-data", n=HEAL_TEXT_SAMPLES, seed=seed) / "heal-data.txt")
+        self._data_labels[path] = (f"text sampled from the source model ({HEAL_TEXT_SAMPLES} samples of "
+                                   f"{self.c.seq_len} tokens, seed {seed})")
+        return path
 
     def healed(self, pruned: Path) -> Path | None:
         if self.c.heal is None:
@@ -388,7 +392,7 @@ class Pipeline:
 
         model_files = set()
         for item in final.iterdir():
-            if item.is_file() and item.suffix in _MODEL_FILE_SUFFIXES and item.name != "stage.json":
+            if item.is_file() and item.suffix in _MODEL_FILE_SUFFIXES and item.name != STAGE_FILE:
                 _link_or_copy(item, self.out / item.name)
                 model_files.add(item.name)
         plots = []
@@ -422,10 +426,7 @@ class Pipeline:
         write_json(self.out / RECORD_FILE, record)
         local = resolve_local_folder(self.c.model, self.c.load.get("cache_dir"))
         notes = [HELDOUT_NOTE] if "heldout" in self.c.ppl_sets else []
-        sampled = str(self.stages.folder("heal-data") / "heal-data.txt")  # heal_text()'s last resort
-        labels = {sampled: f"text sampled from the source model ({HEAL_TEXT_SAMPLES} samples of {self.c.seq_len} "
-                           f"tokens, seed {self.c.seed + 2})"}
-        card = model_card(record, evaluations=evaluations, bench=bench, plots=plots, data_labels=labels,
+        card = model_card(record, evaluations=evaluations, bench=bench, plots=plots, data_labels=self._data_labels,
                           license=source_license(self.c.model, local), notes=notes, repo_name=self.c.push_to_hub)
         write_text(self.out / "README.md", card)
 

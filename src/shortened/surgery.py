@@ -11,6 +11,13 @@ from .archs import ArchSpec, get_arch, get_blocks
 from .errors import ShortenedError
 
 
+def is_kept_list(kept: Sequence[int]) -> bool:
+    """Whether ``kept`` can say which original block each remaining one is: non-negative integers, strictly
+    increasing (what :func:`remove_blocks` returns)."""
+    return (all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in kept)
+            and all(a < b for a, b in zip(kept, kept[1:])))
+
+
 def validate_indices(indices: Iterable[int], n_blocks: int) -> list[int]:
     """Check a list of block indices against a model with ``n_blocks`` blocks; return them sorted.
 

@@ -58,12 +58,12 @@ def check_request(
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         raise ShortenedError(f"data folder not found: {data_dir}")
     for name in ppl:
-        if name not in PPL_SETS and name not in names and not Path(name).expanduser().is_file():
+        if name in PPL_SETS or name in names:
+            continue
+        if not Path(name).expanduser().is_file():
             known = ", ".join([*PPL_SETS, *names])
             raise ShortenedError(f"unknown perplexity set '{name}': use {known} or the path of a text file")
-    for name in ppl:
-        if name not in PPL_SETS and name not in names:
-            check_text_file(Path(name).expanduser())  # empty or binary: told before the model loads
+        check_text_file(Path(name).expanduser())  # empty or binary: told before the model loads
     unknown = [t for t in tasks if t not in PAPER_TASKS]
     if unknown:
         raise ShortenedError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(PAPER_TASKS)}")

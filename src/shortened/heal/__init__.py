@@ -433,10 +433,10 @@ def _check_kept(kept: list[int], model: nn.Module) -> None:
     """``kept`` must name, in order, the teacher block behind each block of ``model``: a stale list (a model
     pruned again in memory, a record that does not match the weights) would train the wrong blocks."""
     from ..archs import num_blocks
+    from ..surgery import is_kept_list
 
     n = num_blocks(model)
-    if (len(kept) != n or not all(isinstance(i, int) and i >= 0 for i in kept)
-            or any(a >= b for a, b in zip(kept, kept[1:]))):
+    if len(kept) != n or not is_kept_list(kept):
         raise ShortenedError(f"kept blocks {kept} do not match the model's {n} blocks: give kept= the original "
                              "index of each present block, in order")
 
