@@ -15,6 +15,8 @@ ORDER = [  # (section file, script that writes it)
     ("linear.md", "benchmarks/bench_heal.py"),
     ("efficiency.md", "benchmarks/bench_efficiency.py"),
     ("search.md", "benchmarks/bench_search.py"),
+    ("families.md", "benchmarks/survey_archs.py --section benchmarks/results/families.md"),
+    ("verify.md", "benchmarks/bench_verify.py --section benchmarks/results/verify.md"),
 ]
 
 HEADER = """# Benchmarks

@@ -122,9 +122,12 @@ def choose(
     The model is not modified.
     """
     from .archs import num_blocks as count_blocks
+    from .surgery import check_family, removal_check
 
     request = dict(num_blocks=num_blocks, ratio=ratio, protect_first=protect_first, protect_last=protect_last)
     n = count_blocks(model)
+    check_family(model)  # a family whose blocks cannot be renumbered is refused before any scoring
+    allowed = removal_check(model)  # None: every set can be removed
     steps: list[dict[str, Any]] = []
     if scores is not None:
         if iterative:
@@ -134,7 +137,7 @@ def choose(
                                  "to select from them, or no scores to score with the criterion")
         check_request(n, scores.criterion, **request)
         _check_given_scores(scores, n, scores_file)
-        plan = select_blocks(scores, contiguous=contiguous, **request)
+        plan = select_blocks(scores, contiguous=contiguous, allowed=allowed, **request)
     else:
         if criterion is None:
             raise ShortenedError("choose needs a criterion or scores")
@@ -142,7 +145,8 @@ def choose(
         check_request(n, criterion, **request)
         engine = dict(batch_size=batch_size, offload=offload, device=device, progress=progress)
         if iterative:
-            plan, history = iterative_select(model, calib_ids, criterion, **request, **engine, **(options or {}))
+            plan, history = iterative_select(model, calib_ids, criterion, **request, **engine, allowed=allowed,
+                                             **(options or {}))
             scores = history[0]
             steps = plan.steps
         else:
@@ -150,7 +154,7 @@ def choose(
 
             scores = score_blocks(model, calib_ids, criterion, **engine,
                                   **scoring_options(criterion, options, **request))
-            plan = select_blocks(scores, contiguous=contiguous, **request)
+            plan = select_blocks(scores, contiguous=contiguous, allowed=allowed, **request)
     return selection_record(plan, scores, calibration_info, scores_file=scores_file, steps=steps)
 
 

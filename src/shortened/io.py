@@ -367,12 +367,17 @@ def save_model(
     *,
     overwrite: bool = False,
     kept: list[int] | None = None,
+    verify: bool = True,
 ) -> Path:
     """Save a plain HF model folder (safetensors weights, config, generation config, tokenizer) and
     ``pruning.json`` atomically: the folder appears complete or not at all.
 
     A model whose blocks are on disk is written block by block from its checkpoint: ``kept`` (else the
     record's ``kept_blocks``) says which of the checkpoint's blocks each new one is.
+
+    With ``verify`` (the default) the written folder is reloaded with plain transformers and compared with
+    ``model`` before it is moved into place (:func:`shortened.verify.verify_saved`): a difference is a
+    ShortenedError and nothing is left at ``out``. What was checked is recorded as ``verification``.
     """
     from .offload import disk_blocks, save_from_disk
 
@@ -401,6 +406,12 @@ def save_model(
             model.save_pretrained(tmp)  # transformers 5 always writes safetensors
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if verify:
+            from .verify import verify_saved
+
+            report = verify_saved(tmp, model, trust_remote_code=bool(getattr(model.config, "auto_map", None)))
+            if record is not None:
+                record = dict(record, verification=report)
         if record is not None:
             write_json(tmp / RECORD_FILE, record)
     return Path(out)

@@ -267,7 +267,7 @@ def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None) 
     from transformers import AutoTokenizer
 
     folder = Path(source)
-    if folder.is_dir() and not any(folder.glob(pattern) for pattern in _TOKENIZER_FILES):
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in _TOKENIZER_FILES):  # a generator is truthy
         log.warning("no tokenizer files in %s; continuing without a tokenizer", folder)
         return None
     try:

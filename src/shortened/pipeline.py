@@ -128,6 +128,17 @@ class RunConfig:
                       flag_prefix="--eval-")
         if self.bench_batch_sizes:
             check_settings(self.bench_batch_sizes, self.bench_output_lens, repeats=self.bench_repeats)
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """A model whose blocks cannot be renumbered exactly is refused from its config, before any stage."""
+        from .loading import LoadOptions, local_config
+        from .surgery import check_config
+
+        options = {k: v for k, v in self.load.items() if k in ("cache_dir", "trust_remote_code", "revision")}
+        config = local_config(self.model, LoadOptions(**options))
+        if config is not None:
+            check_config(config)
 
     def _check_heal_options(self) -> None:
         o = self.heal_options

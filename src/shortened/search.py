@@ -229,10 +229,12 @@ def evolutionary_search(
     seed: int = 0,
     max_run: int | None = None,
     progress: bool = True,
+    allowed=None,
 ) -> SearchResult:
     """Search the sets of ``k`` blocks out of ``eligible`` for the lowest fitness, from the best of
     ``starts`` (name -> a set of ``k`` eligible blocks), among the sets whose runs of adjacent blocks are at
-    most ``max_run`` long (None: any). Returns the best set found (never worse than the best start) and the
+    most ``max_run`` long (None: any) and that ``allowed`` accepts (None: any; see
+    :func:`shortened.surgery.removal_check`). Returns the best set found (never worse than the best start) and the
     search history."""
     from tqdm.auto import tqdm
 
@@ -246,6 +248,8 @@ def evolutionary_search(
             raise ShortenedError(f"starting selection {name} is not a set of {k} removable blocks: {sorted(s)}")
         if max_run is not None and longest_run(s) > max_run:
             raise ShortenedError(f"starting selection {name} has a run of more than {max_run} adjacent blocks")
+        if allowed is not None and allowed(sorted(s)) is not None:
+            raise ShortenedError(f"starting selection {name} cannot be removed: {allowed(sorted(s))}")
     plan = check_options(fitness, generations, offspring, stages, engine.calib_ids.shape[0])
     fit = SetFitness(engine, fitness)
     stage_batches = [(fit.micro_batches(n), keep) for n, keep in plan]
@@ -267,7 +271,8 @@ def evolutionary_search(
         for g in range(1, generations + 1):
             children = _mutants(parent, pool, offspring, rng,
                                 skip=lambda s: len(fit.sums.get(s, ())) >= full
-                                or (max_run is not None and longest_run(s) > max_run))
+                                or (max_run is not None and longest_run(s) > max_run)
+                                or (allowed is not None and allowed(list(s)) is not None))
             if not children:
                 break  # every neighbour reachable has been measured: nothing left to try
             survivors = children
@@ -286,6 +291,8 @@ def evolutionary_search(
     settings = {"fitness": fitness, "generations": generations, "offspring": offspring,
                 "stages": [[n, keep] for n, keep in plan], "seed": seed, "k": k, "eligible": pool, "max_run": max_run,
                 "sets_measured": len(fit.sums)}
+    if allowed is not None:
+        settings["only_removable"] = True  # sets the model's config cannot express were passed over
     if fit.variants is not None:
         settings["linear_bridges"] = {"ridge": fit.variants.ridge, "folds": fit.variants.folds,
                                       "maps_fitted": len(fit.variants.maps)}

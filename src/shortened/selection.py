@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -123,11 +123,15 @@ def select_blocks(
     protect_first: int | None = None,
     protect_last: int | None = None,
     contiguous: bool = False,
+    allowed: Callable[[list[int]], str | None] | None = None,
 ) -> PruningPlan:
     """Choose the blocks to remove from per-block ``scores`` (lower = less important).
 
     ``scores`` is a :class:`BlockScores` or a plain list (None marks a block already removed).
-    Protection defaults to the criterion's (4/2 for taylor and magnitude, else 0/0).
+    Protection defaults to the criterion's (4/2 for taylor and magnitude, else 0/0). ``allowed`` (e.g.
+    :func:`shortened.surgery.removal_check`) returns None for a set of blocks the model's config can express
+    without, else why not: only such sets are chosen (lowest scores: greedily, a block whose addition makes
+    the set inexpressible is passed over), and the plan records every block passed over and why.
     """
     bs = scores if isinstance(scores, BlockScores) else BlockScores("custom", _score_list(scores))
     values = bs.scores
@@ -150,8 +154,10 @@ def select_blocks(
             f"cannot remove {k} blocks: only {len(eligible)} of {n} are unprotected "
             f"(protect-first {first}, protect-last {last}); lower the count or the protection")
     plan = PruningPlan([], n, bs.criterion, "contiguous" if contiguous else "lowest", first, last, requested)
+    if allowed is not None:
+        plan.requested["only_removable"] = True
     if not contiguous:
-        chosen = sorted(eligible, key=lambda i: (values[i], i))[:k]
+        chosen = _lowest_allowed(sorted(eligible, key=lambda i: (values[i], i)), k, allowed, plan)
         plan.remove = sorted(chosen)
         plan.chosen_scores = {i: float(values[i]) for i in plan.remove}  # type: ignore[arg-type]
         _check_searched_set(bs, plan)
@@ -167,6 +173,10 @@ def select_blocks(
         window = range(start, start + k)
         if not all(i in ok for i in window):
             continue
+        why = allowed(list(window)) if allowed is not None else None
+        if why is not None:
+            plan.requested.setdefault("passed_over", []).append({"blocks": list(window), "why": why})
+            continue
         value = spans[k - 1][start] if use_spans else sum(values[i] for i in window)  # type: ignore[index,misc]
         if best is None or value < best[0]:
             best = (float(value), start)
@@ -176,6 +186,26 @@ def select_blocks(
     plan.chosen_scores = {best[1]: best[0]}
     plan.requested["span_score"] = "span distance" if use_spans else "sum of block scores"
     return plan
+
+
+def _lowest_allowed(order: list[int], k: int, allowed: Callable[[list[int]], str | None] | None,
+                    plan: PruningPlan) -> list[int]:
+    """The first ``k`` blocks of ``order``, passing over any whose addition ``allowed`` refuses."""
+    if allowed is None or allowed(sorted(order[:k])) is None:
+        return order[:k]
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == k:
+            break
+        why = allowed(sorted(chosen + [i]))
+        if why is None:
+            chosen.append(i)
+        else:
+            plan.requested.setdefault("passed_over", []).append({"blocks": [i], "why": why})
+    if len(chosen) < k or allowed(sorted(chosen)) is not None:
+        raise ShortenedError(f"no set of {k} blocks this model's config can express without was found among the "
+                             f"unprotected ones: {plan.requested['passed_over'][0]['why']}")
+    return chosen
 
 
 def _score_list(scores: Any) -> list[float | None]:
@@ -220,6 +250,7 @@ def iterative_select(
     protect_first: int | None = None,
     protect_last: int | None = None,
     progress: bool = True,
+    allowed: Callable[[list[int]], str | None] | None = None,
     **score_options: Any,
 ) -> tuple[PruningPlan, list[BlockScores]]:
     """SLEB-style: score, remove the lowest unprotected block, re-score the smaller model, repeat.
@@ -242,7 +273,10 @@ def iterative_select(
     plan = PruningPlan([], n, criterion, "iterative", first, last, {"num_blocks": num_blocks, "ratio": ratio, "k": k})
     for step in range(k):
         scores = score_blocks(model, calib_ids, criterion, skip=removed, progress=progress, **score_options)
-        one = select_blocks(scores, num_blocks=1, protect_first=first, protect_last=last)
+        one = select_blocks(scores, num_blocks=1, protect_first=first, protect_last=last,
+                            allowed=None if allowed is None else (lambda blocks: allowed(sorted(removed + blocks))))
+        if "passed_over" in one.requested:
+            plan.requested.setdefault("passed_over", []).extend(one.requested["passed_over"])
         # select_blocks counts the already-removed blocks as protected-by-absence, so it cannot re-pick them
         i = one.remove[0]
         removed.append(i)
@@ -250,4 +284,6 @@ def iterative_select(
         plan.chosen_scores[i] = float(scores.scores[i])  # type: ignore[arg-type]
         plan.steps.append({"step": step, "removed": i, "scores": scores.scores})
     plan.remove = sorted(removed)
+    if allowed is not None:
+        plan.requested["only_removable"] = True
     return plan, history

@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..loading import load_for_scoring, local_config
     from ..scores_files import read_scores_file
     from ..selection import check_request
-    from ..surgery import remove_blocks, validate_indices
+    from ..surgery import check_config, remove_blocks, validate_indices
     from .score import (calibration_from_args, criterion_options, engine_options, fill_calibration_defaults,
                         selection_request)
 
@@ -108,11 +108,14 @@ def _run(args: argparse.Namespace) -> int:
     blocks = parse_int_list(args.blocks) if args.blocks is not None else None
     saved, saved_calib = read_scores_file(args.scores) if args.scores is not None else (None, None)
     options = criterion_options(args) if args.criterion is not None else None  # mistakes before the load
-    declared = config_block_count(local_config(args.model, load_options(args)))  # None: known after the load
+    config = local_config(args.model, load_options(args))
+    declared = config_block_count(config)  # None: known after the load
     if declared is not None and blocks is not None:
         validate_indices(blocks, declared)
     elif declared is not None and args.criterion is not None:
         check_request(declared, args.criterion, **selection_request(args))
+    if config is not None:
+        check_config(config, blocks)  # a removal the config cannot express is refused before the load
     model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
     spec = get_arch(model)
     n = num_blocks(model, spec)

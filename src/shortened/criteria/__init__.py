@@ -42,6 +42,8 @@ class Criterion:
     #: Samples per micro-batch when the caller does not say (None: one micro-batch per worker); the search
     #: measures candidates on a growing number of samples, so it wants them one by one.
     micro_batch: int | None = None
+    #: Whether the scores read the logits through the model's head (then a discovered head is checked first).
+    uses_head: bool = False
 
     def options(self) -> dict[str, Any]:
         """The criterion's options and their defaults."""
@@ -140,6 +142,8 @@ def score_blocks(
             engine = Engine(model, calib_ids if crit.needs_data else None, skip=skip,
                             batch_size=batch_size or crit.micro_batch, offload=bool(mode), device=exec_device,
                             progress=progress, spec=spec, **engine_kw)
+            if crit.uses_head and spec.generic and not mode and calib_ids is not None:
+                engine.loss.check_against(model, spec, engine.calib_ids[:1, :32].to(engine.device))
             values, extra = crit.fn(engine, **options)
             ran_on = str(engine.device)
     finally:

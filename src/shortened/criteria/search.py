@@ -41,16 +41,19 @@ def score(engine: Engine, num_blocks: int | None = None, ratio: float | None = N
     first, last = protect_first or 0, protect_last or 0  # the search's own default protection: none
     eligible = list(range(first, n - last))
     check_max_run(max_run, k, eligible)  # before the starts are computed
-    starts = starting_selections(engine, k, first, last, start, seed, max_run)
+    from ..surgery import removal_check
+
+    allowed = removal_check(engine.model, engine.spec)  # None: the config can express every set
+    starts = starting_selections(engine, k, first, last, start, seed, max_run, allowed=allowed)
     result = evolutionary_search(engine, k, eligible, starts, fitness=fitness, generations=generations,
                                  offspring=offspring, stages=stages, seed=seed, max_run=max_run,
-                                 progress=engine.progress)
+                                 progress=engine.progress, allowed=allowed)
     removed = set(result.removed)
     return [0.0 if i in removed else 1.0 for i in engine.active], {"search": result.to_dict()}
 
 
 def starting_selections(engine: Engine, k: int, protect_first: int, protect_last: int, start: str,
-                        seed: int, max_run: int | None = None) -> dict[str, list[int]]:
+                        seed: int, max_run: int | None = None, allowed=None) -> dict[str, list[int]]:
     """The blocks each criterion in ``start`` (comma list) would remove under the same request, on the
     same engine (one capture for all); ``angular`` also gives its best contiguous span. With ``max_run``,
     each criterion's lowest-scored blocks taken so that no run is longer (and a span only if it fits)."""
@@ -72,10 +75,10 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
             if chosen is not None:  # else the greedy choice got stuck: no start from this criterion
                 out[name] = chosen
         else:
-            out[name] = select_blocks(scores, **sel).remove
+            out[name] = select_blocks(scores, allowed=allowed, **sel).remove
         if scores.span_scores is not None and (max_run is None or k <= max_run):
             try:
-                out[f"{name} contiguous"] = select_blocks(scores, contiguous=True, **sel).remove
+                out[f"{name} contiguous"] = select_blocks(scores, contiguous=True, allowed=allowed, **sel).remove
             except ShortenedError:  # no run of k adjacent unprotected blocks
                 pass
     if not out:  # a bound every greedy choice got stuck under: the blocks packed from the first eligible one
@@ -85,5 +88,5 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
 
 from . import Criterion  # noqa: E402
 
-CRITERION = Criterion("search", score, needs_data=True, protect=(0, 0), micro_batch=1,
+CRITERION = Criterion("search", score, needs_data=True, uses_head=True, protect=(0, 0), micro_batch=1,
                       description="evolutionary search for the set of blocks (KL to the dense model)")

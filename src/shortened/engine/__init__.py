@@ -27,15 +27,15 @@ from torch import nn
 from ..archs import ArchSpec, get_arch, get_blocks
 from ..errors import ShortenedError
 from ..offload import BlockHome, MemoryHome, disk_blocks
-from .capture import (BlockCall, Capture, call_block, capture_blocks, check_calib_ids, split_block_call,
-                      without_cache)
+from .capture import (BlockCall, Capture, block_hidden, call_block, capture_blocks, check_calib_ids,
+                      split_block_call, without_cache)
 from .loss import (DEFAULT_LOSS_CHUNK, DEFAULT_VOCAB_CHUNK, DenseTargets, HeadLoss, ppl_from_mean_nll,
                    token_nll)
 from .workers import DEFAULT_BATCH_TOKENS, WorkerPool, call_groups, default_workers
 
 __all__ = [
     "DEFAULT_BATCH_TOKENS", "DEFAULT_LOSS_CHUNK", "DEFAULT_VOCAB_CHUNK", "BlockCall", "Capture",
-    "BlockVariants", "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "call_block", "call_groups", "capture_blocks",
+    "BlockVariants", "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "block_hidden", "call_block", "call_groups", "capture_blocks",
     "check_calib_ids", "default_workers", "ppl_from_mean_nll", "split_block_call", "token_nll", "without_cache",
 ]
 

@@ -155,4 +155,14 @@ def call_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor, n: int) 
         out = block(hidden, *args, **kwargs)
     else:
         out = block(*args, **{**kwargs, call.hidden_key: hidden})
-    return out[0] if isinstance(out, tuple) else out
+    return block_hidden(out)
+
+
+def block_hidden(output: Any) -> torch.Tensor:
+    """The hidden states a block returns: the output itself, or the first entry of a tuple or list (GPT-1's
+    blocks return lists) or of a ModelOutput."""
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if isinstance(output, dict):
+        return next(iter(output.values()))
+    return output

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ShortenedError
 from ..archs import ArchSpec, get_submodule
 
 #: Tokens per head chunk when computing the loss over the vocabulary (keeps [chunk, vocab] logits small).
@@ -78,8 +79,36 @@ class HeadLoss:
            vocab_chunk: int = 0) -> "HeadLoss":
         """The head of ``model`` as its architecture entry names it, soft-cap from its config."""
         modules = [m for m in (get_submodule(model, p) for p in spec.head) if m is not None]
-        cap = getattr(model.config, spec.logit_softcap_field, None) if spec.logit_softcap_field else None
+        from ..archs import block_config
+
+        config = block_config(model.config, spec)
+        cap = getattr(config, spec.logit_softcap_field, None) if spec.logit_softcap_field else None
         return cls(modules, float(cap) if cap else None, loss_chunk=loss_chunk, vocab_chunk=vocab_chunk)
+
+    def check_against(self, model: nn.Module, spec: ArchSpec, ids: torch.Tensor, tolerance: float = 1e-4) -> None:
+        """Refuse a head that does not reproduce ``model``'s own logits on ``ids`` (e.g. a discovered layout
+        that misses a logit scale): the last block's output through :meth:`head` against ``model(ids)``."""
+        from ..archs import get_blocks
+        from .capture import block_hidden
+
+        seen: list[torch.Tensor] = []
+
+        def keep(module, args, output):
+            seen.append(block_hidden(output))
+
+        handle = get_blocks(model, spec)[-1].register_forward_hook(keep)
+        try:
+            with torch.no_grad():
+                logits = model(ids, use_cache=False).logits.float()
+                ours = self.head(seen[-1]).float()
+        finally:
+            handle.remove()
+        diff = (ours - logits).abs().max().item() if ours.shape == logits.shape else float("inf")
+        if not diff <= tolerance * max(1.0, logits.abs().max().item()):
+            raise ShortenedError(
+                f"the head found for this {model.config.model_type} model ({' -> '.join(spec.head)}) does not "
+                f"reproduce its logits (they differ by {diff:.3g}), so criteria that read the loss would score "
+                "the wrong function: use bi, angular or magnitude, or add the model to the architecture table")
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, optional projection, LM head and logit soft-cap (as the model's own forward)."""

@@ -1,34 +1,65 @@
-"""LoRA through peft, on the attention and MLP projections named in the architecture table."""
+"""LoRA through peft, on the attention and MLP projections named in the architecture table (found in the
+blocks for other families) and, in MoE blocks, on the fused expert weights."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..archs import get_arch
+from ..archs import get_arch, get_blocks
 from ..errors import ShortenedError
 from .loop import LMObjective
 from .registry import PAPER_BATCH, HealContext, HealMethod, Prepared
+
+log = logging.getLogger(__name__)
 
 #: The paper's LoRA settings (Kim et al. 2024, following alpaca-lora).
 PAPER_LORA = dict(r=8, alpha=16, dropout=0.05)
 
 
+#: Linear layers inside a block that LoRA leaves alone, whatever the family: routers and gates decide, they
+#: do not transform.
+_NOT_ADAPTED = frozenset({"gate", "router", "shared_expert_gate", "wg", "router_gate"})
+#: Linear layers of a state-space mixer (a module owning ``A_log``) whose weights the mixer reads itself, past
+#: a peft wrapper: Mamba's fused kernel takes ``x_proj``, ``dt_proj`` and ``out_proj`` weights, and the slow
+#: path subtracts ``dt_proj``'s bias (measured on a tiny Jamba: an adapted ``dt_proj`` put the logits 7e-4
+#: from those of the merged model). peft refuses ``out_proj`` of Mamba models for the same reason.
+_SSM_READS_ITSELF = ("x_proj", "dt_proj", "out_proj")
+
+
 def lora_target_modules(model: nn.Module) -> list[str]:
-    """The linear projections of a block that LoRA adapts (``ArchSpec.lora_targets``)."""
-    targets = list(get_arch(model).lora_targets)
-    if not targets:
-        raise ShortenedError(
-            f"no LoRA targets are known for model_type '{model.config.model_type}': use --method full or "
-            "--student full, or add lora_targets to its ArchSpec in shortened/archs.py"
-        )
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    found = [t for t in targets if t in present]
-    if not found:
-        raise ShortenedError(f"none of the LoRA targets {targets} exist in this {model.config.model_type} model")
-    return found
+    """The linear projections of a block that LoRA adapts: ``ArchSpec.lora_targets`` for a table entry, else
+    every linear layer inside the blocks except routers."""
+    return lora_targets(model)[0]
+
+
+def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """``(modules, parameters)`` LoRA can adapt: linear projections by name (see :func:`lora_target_modules`)
+    and the fused expert weights of MoE blocks (3-D parameters under ``experts``, adapted through peft's
+    ``target_parameters``, which needs ``dropout`` 0), named relative to a block."""
+    spec = get_arch(model)
+    blocks = get_blocks(model, spec)
+    linear = {name.rsplit(".", 1)[-1] for block in blocks for name, m in block.named_modules()
+              if name and isinstance(m, nn.Linear)}
+    ssm = {child for block in blocks for m in block.modules() if "A_log" in m._parameters
+           for child in _SSM_READS_ITSELF if isinstance(getattr(m, child, None), nn.Linear)}
+    if spec.lora_targets:  # the table's names (GPT-2's are Conv1D layers, which peft adapts too)
+        present = {name.rsplit(".", 1)[-1] for block in blocks for name, _ in block.named_modules() if name}
+        modules = [t for t in spec.lora_targets if t in present]
+        if not modules:
+            raise ShortenedError(f"none of the LoRA targets {list(spec.lora_targets)} exist in this "
+                                 f"{model.config.model_type} model")
+    else:
+        modules = sorted(linear - _NOT_ADAPTED - ssm)
+    parameters = sorted({name for block in blocks for name, p in block.named_parameters()
+                         if p.dim() >= 3 and "experts" in name.split(".")})
+    if not modules and not parameters:
+        raise ShortenedError(f"no linear projections or expert weights found in the blocks of this "
+                             f"{model.config.model_type} model for LoRA: use --method full")
+    return modules, parameters
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05, seed: int = 0) -> Any:
@@ -39,11 +70,28 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         raise ShortenedError(f"--lora-r must be at least 1, got {r}")
     if not 0 <= dropout < 1:
         raise ShortenedError(f"--lora-dropout must be in [0, 1), got {dropout}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(model),
-                        bias="none", task_type="CAUSAL_LM")
+    modules, parameters = lora_targets(model)
+    if dropout:
+        parameters = []  # see lora_plan: peft's LoRA on parameters has no dropout
+    if not modules and not parameters:
+        raise ShortenedError("the only LoRA targets of this model are its expert weights, which peft adapts only "
+                             "without dropout: pass --lora-dropout 0")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
+                        target_parameters=parameters or None, bias="none", task_type="CAUSAL_LM")
     # get_peft_model draws lora_A from the global RNG: seed it so runs (and processes) agree.
     torch.manual_seed(seed)
     return get_peft_model(model, config)
+
+
+def lora_plan(model: nn.Module, dropout: float) -> dict[str, Any]:
+    """What LoRA trains on ``model``, as recorded in the healing section."""
+    modules, parameters = lora_targets(model)
+    plan: dict[str, Any] = {"modules": modules, "expert_parameters": [] if dropout else parameters}
+    if dropout and parameters:
+        plan["not_adapted"] = {"expert_parameters": parameters,
+                               "why": f"peft adapts fused expert weights only without dropout (--lora-dropout "
+                                      f"{dropout}); pass --lora-dropout 0 to adapt them too"}
+    return plan
 
 
 def merge_lora(peft_model: Any) -> nn.Module:
@@ -54,8 +102,11 @@ def merge_lora(peft_model: Any) -> nn.Module:
 
 def _prepare(ctx: HealContext) -> Prepared:
     s = ctx.settings
+    plan = lora_plan(ctx.model, s.lora_dropout)
+    if "not_adapted" in plan:
+        log.warning("LoRA leaves the expert weights alone: %s", plan["not_adapted"]["why"])
     return Prepared(add_lora(ctx.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.seed), LMObjective(), "lora",
-                    finalize=merge_lora, adapter=True)
+                    finalize=merge_lora, adapter=True, extra={"lora_targets": plan})
 
 
 METHOD = HealMethod(

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..archs import get_arch, get_blocks
-from ..engine import BlockCall, call_block, split_block_call, without_cache
+from ..engine import BlockCall, block_hidden, call_block, split_block_call, without_cache
 from ..errors import ShortenedError
 from .registry import HealContext, HealMethod, Prepared
 
@@ -155,7 +155,7 @@ def capture_teacher(teacher: nn.Module, input_ids: torch.Tensor, attention_mask:
         return hook
 
     def post(module: nn.Module, args: tuple, output: Any) -> None:
-        hidden[n] = (output[0] if isinstance(output, tuple) else output).detach()
+        hidden[n] = block_hidden(output).detach()
         raise _Stop
 
     for i in sorted(inputs_at | calls_at):

@@ -1,0 +1,254 @@
+"""The self-check of every saved model: reload the folder with plain transformers and compare.
+
+A pruned or healed model is published only if ``AutoModelForCausalLM.from_pretrained`` rebuilds it with
+exactly the saved weights (no missing, unexpected or mis-shaped tensor) and, when it fits in memory, the
+reloaded model's logits on a few random ids equal those of the model in memory, and decoding token by token
+with the model's own KV cache (greedy ``generate``) gives the logits of one forward over the same tokens (the logits, not greedy tokens,
+which flip on near-ties). Any difference is a ShortenedError naming it, raised before the
+folder is moved into place, so nothing that loads wrong is ever written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ShortenedError
+
+log = logging.getLogger(__name__)
+
+#: How far reloaded logits may be from the in-memory ones (absolute, fp32; scaled for half precision).
+LOGITS_TOLERANCE = 1e-4
+_IDS_SHAPE = (2, 24)
+_DECODE_STEPS = 8
+
+
+def verify_saved(folder: str | os.PathLike, model: nn.Module, *, trust_remote_code: bool = False,
+                 seed: int = 0) -> dict[str, Any]:
+    """Check that the model saved in ``folder`` reloads equal to ``model`` (in memory); return what was
+    checked. Raises ShortenedError naming the first difference."""
+    from .offload import disk_blocks
+
+    folder = Path(folder)
+    start = time.perf_counter()
+    report: dict[str, Any] = {}
+    why_not = None if disk_blocks(model) is None else "its blocks are on disk"
+    why_not = why_not or _spread_over_devices(model) or _too_large(model)
+    if why_not is None:
+        report.update(_reload_and_compare(folder, model, trust_remote_code, seed))
+    else:
+        _check_keys_from_headers(folder, model, trust_remote_code)
+        report.update(weights="exactly the saved tensors (names and shapes, from the files)",
+                      logits=f"not compared: {why_not}")
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def _spread_over_devices(model: nn.Module) -> str | None:
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    return f"it is spread over {len(devices)} devices" if len(devices) > 1 else None
+
+
+def _too_large(model: nn.Module) -> str | None:
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    device = _device(model)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = _available_ram()
+    if free is not None and need * 1.2 > free:
+        return f"a second copy ({need / 2**30:.1f} GiB) does not fit in the free memory ({free / 2**30:.1f} GiB)"
+    return None
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _reload_and_compare(folder: Path, model: nn.Module, trust_remote_code: bool, seed: int) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    attn = getattr(model.config, "_attn_implementation", None)
+    kwargs: dict[str, Any] = dict(dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code,
+                                  use_safetensors=True)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    try:
+        with _no_progress_bars():
+            reloaded, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except Exception as exc:  # any failure to load is what the check is for
+        raise ShortenedError(f"the saved model does not load with AutoModelForCausalLM.from_pretrained: "
+                             f"{_first_line(exc)}") from exc
+    _check_loading_info(info)
+    device = _device(model)
+    reloaded.to(device).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    special = _special_ids(model.config)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, _IDS_SHAPE, generator=gen)
+    for i in special:  # pad, bos, eos: some families derive positions from where the padding is
+        ids[ids == i] = (i + len(special) + 1) % vocab
+    ids = ids.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits.float()
+            got = reloaded(ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    if got.shape != expected.shape:
+        raise ShortenedError(f"the reloaded model's logits have shape {tuple(got.shape)}, the model in memory's "
+                             f"{tuple(expected.shape)}")
+    diff = (got - expected).abs().max().item()
+    tolerance = LOGITS_TOLERANCE if dtype == torch.float32 else 1e-2 * max(1.0, expected.abs().max().item())
+    if not diff <= tolerance:
+        raise ShortenedError(f"the saved model reloads different from the model in memory: logits differ by "
+                             f"{diff:.3g} (tolerance {tolerance:.0e}); a per-block config field was not rewritten "
+                             "for this architecture")
+    cache_diff = _cached_decoding_difference(reloaded, ids[:1, :12], special)
+    cache_tolerance = max(tolerance, 1e-3 * max(1.0, expected.abs().max().item()))
+    if not cache_diff <= cache_tolerance:
+        own = _cached_decoding_difference(model, ids[:1, :12], special)
+        why = (" (so does the model in memory: this family's KV cache in transformers does not reproduce its "
+               "own forward, so the check cannot vouch for the cache)" if not own <= cache_tolerance else "")
+        raise ShortenedError(f"the saved model decodes differently with its KV cache than without it: logits "
+                             f"differ by {cache_diff:.3g} (tolerance {cache_tolerance:.0e}){why}")
+    del reloaded
+    return {"weights": "exactly the saved tensors (reloaded)", "logits_max_abs_diff": diff,
+            "logits_tolerance": tolerance, "ids": list(_IDS_SHAPE),
+            "kv_cache": f"{_DECODE_STEPS} greedy tokens generated with the KV cache: logits match the full forward "
+                        f"(max abs diff {cache_diff:.3g})"}
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' "Loading weights" bar would tell the user of a load they did not ask for."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _special_ids(config: Any) -> list[int]:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    found: set[int] = set()
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(text, name, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v >= 0:
+                found.add(v)
+    return sorted(found)
+
+
+def _cached_decoding_difference(model: nn.Module, prompt: torch.Tensor, special: list[int]) -> float:
+    """Max abs difference between the logits of greedy generation with the model's own KV cache and those
+    of one forward without it over the generated sequence (greedy tokens of two runs would flip on near-ties
+    of a random or unhealed model; the logits along one path do not)."""
+    from transformers import GenerationConfig
+
+    try:
+        with torch.no_grad():
+            # Greedy, whatever sampling the model's generation config asks for; output_logits are the raw
+            # logits, before any forced or suppressed token, so those do not change the comparison.
+            settings = GenerationConfig(max_new_tokens=_DECODE_STEPS, do_sample=False, use_cache=True,
+                                        output_logits=True, return_dict_in_generate=True,
+                                        pad_token_id=special[0] if special else 0)
+            out = model.generate(prompt, generation_config=settings, attention_mask=torch.ones_like(prompt))
+            full = model(out.sequences, use_cache=False).logits.float()
+    except Exception as exc:  # a model that cannot decode with its cache is not publishable either
+        raise ShortenedError(f"the saved model cannot generate with its KV cache: {_first_line(exc)}") from exc
+    start = prompt.shape[1] - 1
+    return max((step.float() - full[:, start + i]).abs().max().item() for i, step in enumerate(out.logits))
+
+
+def _check_loading_info(info: dict[str, Any]) -> None:
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(n) for n in (info.get(key) or ()))
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise ShortenedError(f"the saved model does not reload exactly: weight {names[0]}{more} {what} "
+                                 "(transformers would fill it at random or drop it)")
+    errors = info.get("error_msgs") or []
+    if errors:
+        raise ShortenedError(f"the saved model does not reload: {_first_line(errors[0])}")
+
+
+def _check_keys_from_headers(folder: Path, model: nn.Module, trust_remote_code: bool) -> None:
+    """Without loading weights: the tensors in the saved files against the module tree that plain
+    transformers builds from the saved config (on the meta device); tied weights may be saved once."""
+    from transformers import AutoConfig
+
+    from .structure import meta_model
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        skeleton = meta_model(config, type(model))
+        skeleton.tie_weights()  # as from_pretrained does: a tied head is saved once
+    except Exception as exc:
+        raise ShortenedError(f"the saved config does not build a model: {_first_line(exc)}") from exc
+    saved = _saved_shapes(folder)
+    expected: dict[str, tuple[int, ...]] = {}
+    groups: dict[int, list[str]] = {}
+    persistent = set(skeleton.state_dict(keep_vars=True))
+    for name, t in list(skeleton.named_parameters(remove_duplicate=False)) + list(
+            skeleton.named_buffers(remove_duplicate=False)):
+        if name in persistent:
+            expected[name] = tuple(t.shape)
+            groups.setdefault(id(t), []).append(name)
+    tied_saved = {name for names in groups.values() if any(n in saved for n in names) for name in names}
+    missing = sorted(n for n in expected if n not in saved and n not in tied_saved)
+    unexpected = sorted(n for n in saved if n not in expected)
+    wrong = sorted(n for n in expected if n in saved and saved[n] != expected[n])
+    for names, what in ((missing, "missing"), (unexpected, "unexpected"), (wrong, "of the wrong shape")):
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise ShortenedError(f"the saved model does not reload exactly: weight {names[0]}{more} {what}")
+
+
+def _saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.is_file() else sorted(folder.glob("*.safetensors")))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _first_line(exc: BaseException | str) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
