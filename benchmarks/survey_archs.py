@@ -557,7 +557,10 @@ def survey_criteria(model: Any, ids: Any) -> dict[str, str]:
     from shortened.errors import ShortenedError
 
     out: dict[str, str] = {}
-    blocks = get_blocks(model)
+    try:
+        blocks = get_blocks(model)
+    except ShortenedError as exc:  # no block list found: nothing to score
+        return {c: f"refused: {exc}" for c in ("bi", "magnitude", "ppl")}
     for criterion in ("bi", "magnitude", "ppl"):
         try:
             with warnings.catch_warnings():
@@ -670,7 +673,7 @@ def section(results: dict[str, dict[str, Any]], header: dict[str, Any]) -> str:
              f"{header['seconds']:.0f} s on this 2-core machine.", "",
              "| outcome | types |", "|---|---:|"]
     lines += [f"| {c} | {n} |" for c, n in counts.items()]
-    lines += ["", "Refusals by kind (each is a one-line ShortenedError before anything is written):", "",
+    lines += ["", "Refusals by kind (each a one-line ShortenedError; nothing is left at the output):", "",
               "| kind | types |", "|---|---|"]
     lines += [f"| {k} ({len(v)}) | {', '.join(sorted(v))} |" for k, v in sorted(kinds.items(), key=lambda kv: -len(kv[1]))]
     crit: dict[str, dict[str, int]] = {}

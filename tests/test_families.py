@@ -370,3 +370,18 @@ def test_selection_keeps_a_hybrids_last_attention_block():
     assert "no full_attention block" in allowed([2, 5]) and allowed([1, 3]) is None
     plan = select_blocks([5.0, 5.0, 0.0, 4.0, 5.0, 0.0], num_blocks=2, allowed=allowed)
     assert plan.remove == [2, 3] and plan.requested["passed_over"][0]["blocks"] == [5]
+
+
+def test_a_family_whose_own_kv_cache_is_broken_is_refused_before_scoring():
+    from shortened.choose import choose
+    from shortened.verify import check_source_cache
+
+    config = AutoConfig.for_model("xlnet", vocab_size=97, d_model=32, n_layer=N_LAYERS, n_head=4, d_inner=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()  # XLNet's cache does not reproduce its forward
+    with pytest.raises(ShortenedError, match="own KV cache"):
+        check_source_cache(model)
+    with pytest.raises(ShortenedError, match="own KV cache"):
+        choose(model, None, "magnitude", num_blocks=2, progress=False)
+    check_source_cache(tiny_model("llama"))  # a sound family passes

@@ -11,27 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from shortened import get_arch, get_blocks, remove_blocks, save_model, pruning_record
 from shortened.errors import ShortenedError
-from tiny_models import N_LAYERS, TINY_CONFIGS, tiny_inputs, tiny_model
+from tiny_models import N_LAYERS, TINY_CONFIGS, skipped_logits, tiny_inputs, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
 REMOVE = [1, 3, 4]  # not contiguous, not the first or last, mixes sliding and full layers
-
-
-def reference_logits(model: torch.nn.Module, skip: list[int], ids: torch.Tensor) -> torch.Tensor:
-    """The unpruned model with the ``skip`` blocks replaced by identity (forward hooks)."""
-
-    def identity(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    blocks = get_blocks(model)
-    handles = [blocks[i].register_forward_hook(identity, with_kwargs=True) for i in skip]
-    try:
-        with torch.no_grad():
-            return model(ids, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def test_table_covers_required_architectures():
@@ -46,7 +29,7 @@ def test_table_covers_required_architectures():
 def test_pruned_logits_equal_identity_reference(arch):
     model = tiny_model(arch)
     ids = tiny_inputs(length=20)  # longer than the sliding windows
-    expected = reference_logits(model, REMOVE, ids)
+    expected = skipped_logits(model, REMOVE, ids)
     with torch.no_grad():
         dense = model(ids, use_cache=False).logits
     assert not torch.allclose(dense, expected, atol=1e-3), "removing blocks should change the output"
@@ -111,7 +94,7 @@ def test_save_reload_bit_identical_and_cache_consistent(arch, tmp_path):
 def test_removal_of_the_last_and_first_blocks():
     model = tiny_model("llama")
     ids = tiny_inputs()
-    expected = reference_logits(model, [0, N_LAYERS - 1], ids)
+    expected = skipped_logits(model, [0, N_LAYERS - 1], ids)
     remove_blocks(model, [N_LAYERS - 1, 0])  # order does not matter
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
@@ -120,7 +103,7 @@ def test_removal_of_the_last_and_first_blocks():
 def test_removal_twice_composes():
     model = tiny_model("qwen2")
     ids = tiny_inputs(length=20)
-    expected = reference_logits(model, [1, 2, 4], ids)
+    expected = skipped_logits(model, [1, 2, 4], ids)
     kept = remove_blocks(model, [1])            # originals 0,2,3,4,5 remain
     kept2 = remove_blocks(model, [1, 3])         # new indices 1,3 = originals 2,4
     assert [kept[i] for i in kept2] == [0, 3, 5]
@@ -168,7 +151,7 @@ def test_unknown_architecture_is_discovered_with_a_warning():
         spec = get_arch(model)
     assert spec.generic and spec.blocks == "model.layers"
     with pytest.warns(UserWarning):
-        expected = reference_logits(model, [2], ids)
+        expected = skipped_logits(model, [2], ids)
     with pytest.warns(UserWarning):
         remove_blocks(model, [2])
     with torch.no_grad():

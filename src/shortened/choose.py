@@ -123,10 +123,12 @@ def choose(
     """
     from .archs import num_blocks as count_blocks
     from .surgery import check_family, removal_check
+    from .verify import check_source_cache
 
     request = dict(num_blocks=num_blocks, ratio=ratio, protect_first=protect_first, protect_last=protect_last)
     n = count_blocks(model)
     check_family(model)  # a family whose blocks cannot be renumbered is refused before any scoring
+    check_source_cache(model)  # and one whose own KV cache is broken, which no pruned copy could pass
     allowed = removal_check(model)  # None: every set can be removed
     steps: list[dict[str, Any]] = []
     if scores is not None:

@@ -2,7 +2,7 @@
 
 A pruned or healed model is published only if ``AutoModelForCausalLM.from_pretrained`` rebuilds it with
 exactly the saved weights (no missing, unexpected or mis-shaped tensor) and, when it fits in memory, the
-reloaded model's logits on a few random ids equal those of the model in memory, and decoding token by token
+reloaded model's logits on a few tokens equal those of the model in memory, and decoding token by token
 with the model's own KV cache (greedy ``generate``) gives the logits of one forward over the same tokens (the logits, not greedy tokens,
 which flip on near-ties). Any difference is a ShortenedError naming it, raised before the
 folder is moved into place, so nothing that loads wrong is ever written.
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 #: How far reloaded logits may be from the in-memory ones (absolute, fp32; scaled for half precision).
 LOGITS_TOLERANCE = 1e-4
-_IDS_SHAPE = (2, 24)
-_DECODE_STEPS = 8
+_PROMPT = 16
+_DECODE_STEPS = 3
 
 
 def verify_saved(folder: str | os.PathLike, model: nn.Module, *, trust_remote_code: bool = False,
@@ -108,40 +108,104 @@ def _reload_and_compare(folder: Path, model: nn.Module, trust_remote_code: bool,
     vocab = model.get_input_embeddings().num_embeddings
     special = _special_ids(model.config)
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, _IDS_SHAPE, generator=gen)
+    prompt = torch.randint(0, vocab, (1, _PROMPT), generator=gen)
     for i in special:  # pad, bos, eos: some families derive positions from where the padding is
-        ids[ids == i] = (i + len(special) + 1) % vocab
-    ids = ids.to(device)
+        prompt[prompt == i] = (i + len(special) + 1) % vocab
+    prompt = prompt.to(device)
+    # One greedy generation with the reloaded model's own KV cache, then one forward of each model over the
+    # generated sequence: the weights are read as few times as possible (on a CPU each pass reads them all).
+    try:
+        steps, sequence, failure = *_generate(reloaded, prompt, special), None
+    except Exception as exc:  # compared below, after the logits: their difference is the likelier cause
+        steps, sequence, failure = [], prompt, exc
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            expected = model(ids, use_cache=False).logits.float()
-            got = reloaded(ids, use_cache=False).logits.float()
+            expected = model(sequence, use_cache=False).logits.float()
+            got = reloaded(sequence, use_cache=False).logits.float()
     finally:
         model.train(was_training)
     if got.shape != expected.shape:
         raise ShortenedError(f"the reloaded model's logits have shape {tuple(got.shape)}, the model in memory's "
                              f"{tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
-    tolerance = LOGITS_TOLERANCE if dtype == torch.float32 else 1e-2 * max(1.0, expected.abs().max().item())
+    scale = max(1.0, expected.abs().max().item())
+    tolerance = LOGITS_TOLERANCE if dtype == torch.float32 else 1e-2 * scale
     if not diff <= tolerance:
         raise ShortenedError(f"the saved model reloads different from the model in memory: logits differ by "
                              f"{diff:.3g} (tolerance {tolerance:.0e}); a per-block config field was not rewritten "
                              "for this architecture")
-    cache_diff = _cached_decoding_difference(reloaded, ids[:1, :12], special)
-    cache_tolerance = max(tolerance, 1e-3 * max(1.0, expected.abs().max().item()))
+    if failure is not None:
+        raise ShortenedError(f"the saved model cannot generate with its KV cache: {_first_line(failure)}") from failure
+    cache_diff = _step_difference(steps, got, _PROMPT)
+    cache_tolerance = max(tolerance, 1e-3 * scale)
     if not cache_diff <= cache_tolerance:
-        own = _cached_decoding_difference(model, ids[:1, :12], special)
+        own_steps, own_sequence = _generate(model, prompt, special)
+        with torch.no_grad():
+            own = _step_difference(own_steps, model(own_sequence, use_cache=False).logits.float(), _PROMPT)
         why = (" (so does the model in memory: this family's KV cache in transformers does not reproduce its "
                "own forward, so the check cannot vouch for the cache)" if not own <= cache_tolerance else "")
         raise ShortenedError(f"the saved model decodes differently with its KV cache than without it: logits "
                              f"differ by {cache_diff:.3g} (tolerance {cache_tolerance:.0e}){why}")
     del reloaded
     return {"weights": "exactly the saved tensors (reloaded)", "logits_max_abs_diff": diff,
-            "logits_tolerance": tolerance, "ids": list(_IDS_SHAPE),
+            "logits_tolerance": tolerance, "tokens": int(sequence.shape[1]),
             "kv_cache": f"{_DECODE_STEPS} greedy tokens generated with the KV cache: logits match the full forward "
                         f"(max abs diff {cache_diff:.3g})"}
+
+
+def check_source_cache(model: nn.Module, seed: int = 0) -> None:
+    """Refuse, before any work, a model whose own KV-cache decoding does not reproduce its forward (a defect
+    of its family's implementation, before any pruning): the self-check of the pruned model would fail on it
+    after the work. Models with their blocks on disk or spread over devices are not run here."""
+    from .offload import disk_blocks
+
+    if disk_blocks(model) is not None or _spread_over_devices(model):
+        return
+    device = _device(model)
+    special = _special_ids(model.config)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(0, vocab, (1, _PROMPT), generator=torch.Generator().manual_seed(seed))
+    for i in special:
+        prompt[prompt == i] = (i + len(special) + 1) % vocab
+    prompt = prompt.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        steps, sequence = _generate(model, prompt, special)
+        with torch.no_grad():
+            full = model(sequence, use_cache=False).logits.float()
+    except Exception as exc:  # noqa: BLE001 - any failure to decode with the cache is the family's
+        raise ShortenedError(f"this {model.config.model_type} model cannot generate with its own KV cache in "
+                             f"transformers (before any pruning): {_first_line(exc)}") from exc
+    finally:
+        model.train(was_training)
+    diff = _step_difference(steps, full, _PROMPT)
+    tolerance = max(LOGITS_TOLERANCE, 1e-3 * max(1.0, full.abs().max().item()))
+    if not diff <= tolerance:
+        raise ShortenedError(f"this {model.config.model_type} model decodes differently with its own KV cache than "
+                             f"without it in transformers (logits differ by {diff:.3g}, before any pruning), so a "
+                             "pruned copy could not be verified")
+
+
+def _generate(model: nn.Module, prompt: torch.Tensor, special: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Greedy generation with the model's own KV cache: the raw logits of each step and the sequence."""
+    from transformers import GenerationConfig
+
+    # Greedy, whatever sampling the model's generation config asks for; output_logits are the raw logits,
+    # before any forced or suppressed token, so those do not change the comparison.
+    settings = GenerationConfig(max_new_tokens=_DECODE_STEPS, do_sample=False, use_cache=True, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=special[0] if special else 0)
+    with torch.no_grad():
+        out = model.generate(prompt, generation_config=settings, attention_mask=torch.ones_like(prompt))
+    return [step.float() for step in out.logits], out.sequences
+
+
+def _step_difference(steps: list[torch.Tensor], full: torch.Tensor, prompt_len: int) -> float:
+    """Max abs difference between each generation step's logits and the full forward's at that position
+    (greedy tokens of two runs would flip on near-ties of a random or unhealed model; these logits do not)."""
+    return max((step - full[:, prompt_len - 1 + i]).abs().max().item() for i, step in enumerate(steps))
 
 
 @contextlib.contextmanager
@@ -167,27 +231,6 @@ def _special_ids(config: Any) -> list[int]:
             if isinstance(v, int) and v >= 0:
                 found.add(v)
     return sorted(found)
-
-
-def _cached_decoding_difference(model: nn.Module, prompt: torch.Tensor, special: list[int]) -> float:
-    """Max abs difference between the logits of greedy generation with the model's own KV cache and those
-    of one forward without it over the generated sequence (greedy tokens of two runs would flip on near-ties
-    of a random or unhealed model; the logits along one path do not)."""
-    from transformers import GenerationConfig
-
-    try:
-        with torch.no_grad():
-            # Greedy, whatever sampling the model's generation config asks for; output_logits are the raw
-            # logits, before any forced or suppressed token, so those do not change the comparison.
-            settings = GenerationConfig(max_new_tokens=_DECODE_STEPS, do_sample=False, use_cache=True,
-                                        output_logits=True, return_dict_in_generate=True,
-                                        pad_token_id=special[0] if special else 0)
-            out = model.generate(prompt, generation_config=settings, attention_mask=torch.ones_like(prompt))
-            full = model(out.sequences, use_cache=False).logits.float()
-    except Exception as exc:  # a model that cannot decode with its cache is not publishable either
-        raise ShortenedError(f"the saved model cannot generate with its KV cache: {_first_line(exc)}") from exc
-    start = prompt.shape[1] - 1
-    return max((step.float() - full[:, start + i]).abs().max().item() for i, step in enumerate(out.logits))
 
 
 def _check_loading_info(info: dict[str, Any]) -> None:
