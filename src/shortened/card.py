@@ -177,7 +177,7 @@ def model_card(
     parts = ["\n".join(front), f"# {title}",
              f"`{source}` with {removed} of its {record.get('original_num_blocks')} transformer blocks removed by "
              "one-shot depth pruning, following *Shortened LLaMA: A Simple Depth Pruning for Large Language Models* "
-             "(Kim et al., 2024). Made with [shortened](https://pypi.org/project/shortened/). It is a plain "
+             "(Kim et al., 2024). Made with shortened. It is a plain "
              "Hugging Face model: no custom code is needed to load it, and the KV cache works as usual.",
              "## Method", "\n".join(_method_lines(record, dict(data_labels or {})))]
     if evaluations:
@@ -201,6 +201,13 @@ def model_card(
               f"tokenizer = AutoTokenizer.from_pretrained(\"{title}\")\n```",
               "`pruning.json` in this folder records the source model, the removed and kept blocks (kept[i] is "
               "the original index of block i), the selection and healing settings and the library versions.",
+              "## Use with vLLM, llama.cpp and Ollama",
+              f"vLLM serves this folder as it is: `LLM(\"{title}\")` (vLLM's CPU build: add `dtype=\"float32\", "
+              "max_model_len=2048, gpu_memory_utilization=0.25`). For llama.cpp, write a GGUF file with shortened, "
+              "which also writes the per-layer metadata that pruning changed (llama.cpp's converter alone gets "
+              f"Gemma 3's sliding-window layers wrong after a removal): `shortened export {title} --gguf "
+              "model.gguf`, then `llama-server -m model.gguf`. Ollama imports the same file (a Modelfile with "
+              "`FROM ./model.gguf`; not part of shortened's checks).",
               "## Licence", f"Inherited from the source model: **{license or 'see the source model'}**.",
               "## Citation", "```bibtex\n" + CITATION + "\n```"]
     return "\n\n".join(parts) + "\n"

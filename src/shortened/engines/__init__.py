@@ -1,0 +1,1 @@
+"""Serving engines other than transformers (llama.cpp), reached through their own programs."""
