@@ -142,8 +142,8 @@ class LayerFact:
 
     ``kind`` is one of:
 
-    - ``per_block``: a list with one entry per block; the kept blocks' entries are kept;
-    - ``per_block_if_list``: the same when the field is a list (a single value applies to every block);
+    - ``per_block``: a list with one entry per block; the kept blocks' entries are kept (a value that is not
+      a list applies to every block and stays);
     - ``cycle``: a list repeated over the blocks (RecurrentGemma's ``block_types``); written out for the kept;
     - ``runs``: ``[[pattern, repeats], ...]`` expanding to one entry per block (GPT-Neo's ``attention_types``);
       written as one run of the kept blocks' entries;
@@ -157,7 +157,11 @@ class LayerFact:
       form: step 1 and every kept dense block listed in ``partner``;
     - ``period``: ``i % field == offset`` marks a block (Jamba's ``attn_layer_period`` with
       ``attn_layer_offset``, named by ``partner``); a period and offset giving the kept pattern are searched
-      for, and the removal is refused when none exists.
+      for, and the removal is refused when none exists;
+    - ``interval_range``: ``(i + 1) % step == 0 and field <= i <= partner`` marks a block (ERNIE-4.5-MoE's MoE
+      blocks); a step, start and end giving the kept pattern are searched for, else the removal is refused;
+    - ``depth_scale``: a residual scale divided by sqrt(block count) (MiniCPM3's ``scale_depth``); scaled by
+      sqrt(kept / blocks), so that each block's residual scale is unchanged.
     """
 
     field: str
@@ -180,8 +184,8 @@ LAYER_FACTS: tuple[LayerFact, ...] = (
         "attention_layers")),
     LayerFact("attention_types", "runs"),
     LayerFact("num_blocks", "count"),
-    LayerFact("intermediate_size", "per_block_if_list"),
-    LayerFact("moe_topk", "per_block_if_list"),
+    LayerFact("intermediate_size", "per_block"),  # Gemma 3n's list form; a single value is left alone
+    LayerFact("moe_topk", "per_block"),  # HunYuan-MoE's list form
     LayerFact("block_types", "cycle"),
     *(LayerFact(name, "index_list") for name in (
         "mlp_only_layers", "moe_layers", "cross_attention_layers", "attn_layer_indices", "full_attn_idxs",
@@ -215,8 +219,16 @@ SUFFIX_ONLY: dict[str, str] = {
     "gemma4_unified_assistant": "every block reuses the KV cache of the target model",
 }
 
-LAYER_FACT_KINDS = ("per_block", "per_block_if_list", "cycle", "runs", "count", "index_list", "index_dict",
-                    "threshold", "sparse_step", "period", "interval_range", "depth_scale")
+LAYER_FACT_KINDS = ("per_block", "cycle", "runs", "count", "index_list", "index_dict", "threshold", "sparse_step",
+                    "period", "interval_range", "depth_scale")
+
+
+def suffix_only(config: Any) -> str | None:
+    """Why the blocks of ``config``'s family (the config that describes the blocks) cannot be renumbered, when
+    :data:`SUFFIX_ONLY` says so; None otherwise."""
+    model_type = getattr(config, "model_type", None)
+    why = SUFFIX_ONLY.get(model_type)
+    return f"blocks of {model_type} cannot be renumbered exactly ({why})" if why else None
 
 
 def supported_model_types() -> list[str]:
@@ -294,8 +306,7 @@ def discover_arch(model: nn.Module) -> ArchSpec | None:
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             continue
         lists = [name for name, module in model.named_modules()
-                 if isinstance(module, nn.ModuleList) and len(module) == count and name.count(".") <= 2
-                 and len({type(m) for m in module}) >= 1]
+                 if isinstance(module, nn.ModuleList) and len(module) == count and name.count(".") <= 2]
         if len(lists) == 1:
             found = (count_field, lists[0])
             break
@@ -416,7 +427,6 @@ def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> No
 
 _KIND_TEXT = {
     "per_block": "one entry per block: the kept blocks' entries are kept",
-    "per_block_if_list": "as a list, one entry per block (kept); a single value stays",
     "cycle": "a pattern repeated over the blocks: written out for the kept blocks",
     "runs": "runs of a pattern expanding to one entry per block: one run of the kept blocks' entries",
     "count": "a second block count: the number of kept blocks",

@@ -101,7 +101,8 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     architectures = config.get("architectures") or []
     supported = supported_architectures(tree)
     if not architectures or architectures[0] not in supported:
-        raise ShortenedError(f"llama.cpp's converter ({tree.name}) cannot convert {architectures[0] if architectures else 'a model without architectures'} "
+        what = architectures[0] if architectures else "a model whose config names no architecture"
+        raise ShortenedError(f"llama.cpp's converter in {tree} cannot convert {what} "
                              f"(model_type {config.get('model_type')})")
     fixes = layer_metadata(config)
     with atomic_output(out, overwrite=overwrite, kind="file") as tmp:

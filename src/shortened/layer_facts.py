@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .archs import LAYER_FACTS, SUFFIX_ONLY, ArchSpec, LayerFact, block_config
+from .archs import LAYER_FACTS, ArchSpec, LayerFact, block_config, suffix_only
 from .errors import ShortenedError
 
 
@@ -19,11 +19,10 @@ def rewrite_layer_facts(config: Any, kept: Sequence[int], num_blocks: int, spec:
     """
     kept = list(kept)
     config = block_config(config, spec)
-    why = SUFFIX_ONLY.get(getattr(config, "model_type", None))
+    why = suffix_only(config)
     if why is not None and kept != list(range(len(kept))):
-        raise ShortenedError(f"blocks of {config.model_type} cannot be renumbered exactly ({why}): only the last "
-                             f"blocks can be removed, and removing {sorted(set(range(num_blocks)) - set(kept))} "
-                             "renumbers some")
+        raise ShortenedError(f"{why}: only the last blocks can be removed, and removing "
+                             f"{sorted(set(range(num_blocks)) - set(kept))} renumbers some")
     updates: dict[str, Any] = {}
     for fact in layer_facts(spec):
         if is_derived(config, fact.field):
@@ -60,10 +59,6 @@ def _per_block(config: Any, fact: LayerFact, value: Any, kept: list[int], n: int
         raise ShortenedError(f"config.{fact.field} has {len(value)} entries but the model has {n} blocks: "
                              "cannot tell which entry belongs to which block")
     return {fact.field: type(value)(value[i] for i in kept)}
-
-
-def _per_block_if_list(config: Any, fact: LayerFact, value: Any, kept: list[int], n: int) -> dict[str, Any] | None:
-    return _per_block(config, fact, value, kept, n) if isinstance(value, (list, tuple)) else None
 
 
 def _cycle(config: Any, fact: LayerFact, value: Any, kept: list[int], n: int) -> dict[str, Any] | None:
@@ -147,7 +142,9 @@ def _period(config: Any, fact: LayerFact, value: Any, kept: list[int], n: int) -
     offset = getattr(config, fact.partner, 0) or 0
     marked = [i % value == offset for i in kept]
     k = len(kept)
-    candidates = [(value, offset)] + [(p, o) for p in range(1, k + 2) for o in range(p)]
+    first = marked.index(True) if True in marked else None
+    # With a first marked block the offset is fixed by it; with none, a period past the last block marks none.
+    candidates = [(value, offset)] + ([(p, first % p) for p in range(1, k + 2)] if first is not None else [(k + 1, k)])
     for p, o in candidates:
         if o < p and [j % p == o for j in range(k)] == marked:
             return {fact.field: p, fact.partner: o}
@@ -164,25 +161,26 @@ def _interval_range(config: Any, fact: LayerFact, value: Any, kept: list[int], n
     end = n - 1 if end == -1 else end
     marked = [(i + 1) % step == 0 and value <= i <= end for i in kept]
     k = len(kept)
+    ones = [j for j, m in enumerate(marked) if m]
+    if not ones:  # an empty range marks nothing
+        return {fact.field: k, fact.partner: k - 1, fact.step: 1}
+    start, stop = ones[0], ones[-1]  # the first and last marked blocks bound the range; then only the step
     for s in range(1, k + 2):
-        for start in range(k + 1):
-            for stop in range(start - 1, k):
-                if [(j + 1) % s == 0 and start <= j <= stop for j in range(k)] == marked:
-                    return {fact.field: start, fact.partner: stop, fact.step: s}
+        if [(j + 1) % s == 0 and start <= j <= stop for j in range(k)] == marked:
+            return {fact.field: start, fact.partner: stop, fact.step: s}
     raise ShortenedError(
         f"config.{fact.field}/{fact.partner}/{fact.step} ({value}/{end}/{step}) cannot mark the kept blocks "
         f"{[i for i, m in zip(kept, marked) if m]} (original indices) among the {k} kept: no step, start and end "
         "give that pattern; remove other blocks")
 
 
-_REWRITERS = {"per_block": _per_block, "per_block_if_list": _per_block_if_list, "cycle": _cycle, "runs": _runs,
-              "count": _count,
+_REWRITERS = {"per_block": _per_block, "cycle": _cycle, "runs": _runs, "count": _count,
               "index_list": _index_list, "index_dict": _index_dict, "threshold": _threshold,
               "sparse_step": _sparse_step, "period": _period, "interval_range": _interval_range,
               "depth_scale": _depth_scale}
 
 
 def apply_config_updates(config: Any, updates: dict[str, Any]) -> None:
-    """Set every field of ``updates`` on ``config`` (the block count first, as validation reads it)."""
+    """Set every field of ``updates`` on ``config`` (validation is the caller's: it reads them together)."""
     for name, value in updates.items():
         setattr(config, name, value)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .archs import SUFFIX_ONLY, ArchSpec, block_config, get_arch, get_blocks
+from .archs import ArchSpec, block_config, get_arch, get_blocks, suffix_only
 from .layer_facts import apply_config_updates, is_derived, layer_facts, rewrite_layer_facts
 from .errors import ShortenedError
 
@@ -96,19 +96,11 @@ def _lost_kinds(old: Any, new: Any) -> str | None:
 def removable(config: Any, removed: Sequence[int], spec: ArchSpec, num_blocks: int) -> str | None:
     """None when the config can express the model without ``removed`` (the fast check used while
     selecting), else the one-line reason."""
-    kept = [i for i in range(num_blocks) if i not in set(removed)]
     try:
-        updates = rewrite_layer_facts(config, kept, num_blocks, spec)
-    except ShortenedError as exc:
+        _rewritten(config, [i for i in range(num_blocks) if i not in set(removed)], num_blocks, spec)
+    except _RuleRefusal as exc:
         return str(exc)
-    sub = block_config(config, spec)
-    after = copy.deepcopy(sub)  # derived type lists (Bamba's) follow the rewritten fields
-    try:
-        apply_config_updates(after, updates)
-    except Exception as exc:  # a setter of the config class refuses a value
-        return f"transformers refuses the rewritten config: {exc}"
-    lost = _lost_kinds(sub, after)
-    return f"it would leave no {lost} block, which this hybrid model's cache needs" if lost else None
+    return None
 
 
 def removal_check(model: nn.Module, spec: ArchSpec | None = None) -> Callable[[list[int]], str | None] | None:
@@ -137,18 +129,17 @@ def check_family(model: nn.Module, spec: ArchSpec | None = None) -> None:
     n = len(get_blocks(model, spec))
     if n < 2:
         raise ShortenedError(f"the model has {n} block: nothing can be removed")
-    model_type = getattr(block_config(model.config, spec), "model_type", None)
-    why = SUFFIX_ONLY.get(model_type)
+    sub = block_config(model.config, spec)
+    why = suffix_only(sub)
     if why is not None:
-        raise ShortenedError(f"blocks of this {model_type} model cannot be renumbered exactly ({why}); "
-                             "only the last blocks can be removed: name them with --blocks")
+        raise ShortenedError(f"{why}; only the last blocks can be removed: name them with --blocks")
     try:
         _rebuild(model.config, [i for i in range(n) if i != n - 2], n, spec, type(model))
     except _RuleRefusal:
         return  # a rule that this one set cannot express; selection passes over such sets
     except ShortenedError as exc:
-        raise ShortenedError(f"blocks of this {model_type} model cannot be renumbered exactly ({exc}); only the "
-                             "last blocks can be removed: name them with --blocks") from None
+        raise ShortenedError(f"blocks of this {sub.model_type} model cannot be renumbered exactly ({exc}); only "
+                             "the last blocks can be removed: name them with --blocks") from None
 
 
 def check_config(config: Any, removed: Sequence[int] | None = None) -> None:
@@ -195,17 +186,15 @@ class _RuleRefusal(ShortenedError):
     hybrid's last attention block), though another set may be fine."""
 
 
-def _rebuild(config: Any, kept: list[int], n: int, spec: ArchSpec, model_class: type | None) -> dict[str, Any]:
-    """The config updates for keeping ``kept`` of ``n`` blocks, once the rewritten config passes the config
-    class's validation and builds every kept block (and the rest) as now; raises :class:`_RuleRefusal` when
-    a rule cannot express the set, ShortenedError with the difference otherwise."""
-    from .structure import compare_structure
-
+def _rewritten(config: Any, kept: list[int], n: int, spec: ArchSpec) -> tuple[dict[str, Any], Any]:
+    """The config updates for keeping ``kept`` of ``n`` blocks and a copy of ``config`` with them applied, once
+    the config class's own validation accepts it and a hybrid keeps an attention block; raises
+    :class:`_RuleRefusal` otherwise. No model is built (the fast part, used while selecting)."""
     try:
         updates = rewrite_layer_facts(config, kept, n, spec)
     except ShortenedError as exc:
         raise _RuleRefusal(str(exc)) from None
-    new_config = copy.deepcopy(config)
+    new_config = copy.deepcopy(config)  # derived type lists (Bamba's) follow the rewritten fields
     try:
         apply_config_updates(block_config(new_config, spec), updates)
         if hasattr(new_config, "validate"):
@@ -215,6 +204,15 @@ def _rebuild(config: Any, kept: list[int], n: int, spec: ArchSpec, model_class: 
     lost = _lost_kinds(block_config(config, spec), block_config(new_config, spec))
     if lost:
         raise _RuleRefusal(f"it would leave no {lost} block, which this hybrid model's cache needs")
+    return updates, new_config
+
+
+def _rebuild(config: Any, kept: list[int], n: int, spec: ArchSpec, model_class: type | None) -> dict[str, Any]:
+    """:func:`_rewritten`'s updates, once the rewritten config builds every kept block (and the rest) as now
+    on the meta device; ShortenedError with the difference otherwise."""
+    from .structure import compare_structure
+
+    updates, new_config = _rewritten(config, kept, n, spec)
     problem = compare_structure(config, new_config, kept, spec, model_class=model_class)
     if problem is not None:
         raise ShortenedError(problem)

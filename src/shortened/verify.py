@@ -3,16 +3,15 @@
 A pruned or healed model is published only if ``AutoModelForCausalLM.from_pretrained`` rebuilds it with
 exactly the saved weights (no missing, unexpected or mis-shaped tensor) and, when it fits in memory, the
 reloaded model's logits on a few tokens equal those of the model in memory, and decoding token by token
-with the model's own KV cache (greedy ``generate``) gives the logits of one forward over the same tokens (the logits, not greedy tokens,
-which flip on near-ties). Any difference is a ShortenedError naming it, raised before the
-folder is moved into place, so nothing that loads wrong is ever written.
+with the model's own KV cache (greedy ``generate``) gives the logits of one forward over the same tokens (the
+logits, not greedy tokens, which flip on near-ties). Any difference is a ShortenedError naming it, raised
+before the folder is moved into place, so nothing that loads wrong is ever written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -23,8 +22,6 @@ import torch
 from torch import nn
 
 from .errors import ShortenedError
-
-log = logging.getLogger(__name__)
 
 #: How far reloaded logits may be from the in-memory ones (absolute, fp32; scaled for half precision).
 LOGITS_TOLERANCE = 1e-4
@@ -105,13 +102,7 @@ def _reload_and_compare(folder: Path, model: nn.Module, trust_remote_code: bool,
     _check_loading_info(info)
     device = _device(model)
     reloaded.to(device).eval()
-    vocab = model.get_input_embeddings().num_embeddings
-    special = _special_ids(model.config)
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (1, _PROMPT), generator=gen)
-    for i in special:  # pad, bos, eos: some families derive positions from where the padding is
-        prompt[prompt == i] = (i + len(special) + 1) % vocab
-    prompt = prompt.to(device)
+    prompt, special = _random_prompt(model, seed)
     # One greedy generation with the reloaded model's own KV cache, then one forward of each model over the
     # generated sequence: the weights are read as few times as possible (on a CPU each pass reads them all).
     try:
@@ -141,9 +132,7 @@ def _reload_and_compare(folder: Path, model: nn.Module, trust_remote_code: bool,
     cache_diff = _step_difference(steps, got, _PROMPT)
     cache_tolerance = max(tolerance, 1e-3 * scale)
     if not cache_diff <= cache_tolerance:
-        own_steps, own_sequence = _generate(model, prompt, special)
-        with torch.no_grad():
-            own = _step_difference(own_steps, model(own_sequence, use_cache=False).logits.float(), _PROMPT)
+        own, _ = _cache_difference(model, prompt, special)
         why = (" (so does the model in memory: this family's KV cache in transformers does not reproduce its "
                "own forward, so the check cannot vouch for the cache)" if not own <= cache_tolerance else "")
         raise ShortenedError(f"the saved model decodes differently with its KV cache than without it: logits "
@@ -163,30 +152,41 @@ def check_source_cache(model: nn.Module, seed: int = 0) -> None:
 
     if disk_blocks(model) is not None or _spread_over_devices(model):
         return
-    device = _device(model)
-    special = _special_ids(model.config)
-    vocab = model.get_input_embeddings().num_embeddings
-    prompt = torch.randint(0, vocab, (1, _PROMPT), generator=torch.Generator().manual_seed(seed))
-    for i in special:
-        prompt[prompt == i] = (i + len(special) + 1) % vocab
-    prompt = prompt.to(device)
+    prompt, special = _random_prompt(model, seed)
     was_training = model.training
     model.eval()
     try:
-        steps, sequence = _generate(model, prompt, special)
-        with torch.no_grad():
-            full = model(sequence, use_cache=False).logits.float()
+        diff, scale = _cache_difference(model, prompt, special)
     except Exception as exc:  # noqa: BLE001 - any failure to decode with the cache is the family's
         raise ShortenedError(f"this {model.config.model_type} model cannot generate with its own KV cache in "
                              f"transformers (before any pruning): {_first_line(exc)}") from exc
     finally:
         model.train(was_training)
-    diff = _step_difference(steps, full, _PROMPT)
-    tolerance = max(LOGITS_TOLERANCE, 1e-3 * max(1.0, full.abs().max().item()))
+    tolerance = max(LOGITS_TOLERANCE, 1e-3 * scale)
     if not diff <= tolerance:
         raise ShortenedError(f"this {model.config.model_type} model decodes differently with its own KV cache than "
                              f"without it in transformers (logits differ by {diff:.3g}, before any pruning), so a "
                              "pruned copy could not be verified")
+
+
+def _random_prompt(model: nn.Module, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """``_PROMPT`` seeded random token ids on the model's device, none of them special (pad, bos, eos: some
+    families derive positions from where the padding is), and the special ids."""
+    vocab = model.get_input_embeddings().num_embeddings
+    special = _special_ids(model.config)
+    prompt = torch.randint(0, vocab, (1, _PROMPT), generator=torch.Generator().manual_seed(seed))
+    for i in special:
+        prompt[prompt == i] = (i + len(special) + 1) % vocab
+    return prompt.to(_device(model)), special
+
+
+def _cache_difference(model: nn.Module, prompt: torch.Tensor, special: list[int]) -> tuple[float, float]:
+    """:func:`_step_difference` of greedy generation with ``model``'s own KV cache against one forward over
+    the generated sequence, and the scale of those logits (their largest magnitude, at least 1)."""
+    steps, sequence = _generate(model, prompt, special)
+    with torch.no_grad():
+        full = model(sequence, use_cache=False).logits.float()
+    return _step_difference(steps, full, _PROMPT), max(1.0, full.abs().max().item())
 
 
 def _generate(model: nn.Module, prompt: torch.Tensor, special: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:

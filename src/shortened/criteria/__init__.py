@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..archs import SUFFIX_ONLY, block_config, check_seq_len, get_arch
+from ..archs import block_config, check_seq_len, get_arch, suffix_only
 from ..engine import Engine
 from ..errors import ShortenedError
 from ..scores import BlockScores
@@ -123,10 +123,10 @@ def score_blocks(
 
     check_device(device)
     spec = get_arch(model)
-    model_type = getattr(block_config(model.config, spec), "model_type", None)
-    if model_type in SUFFIX_ONLY:  # also: some run a block more than once (Dory's loop), so one pass is no score
-        raise ShortenedError(f"blocks of {model_type} cannot be scored for removal ({SUFFIX_ONLY[model_type]}): only "
-                             "the last blocks can be removed exactly; name them with prune --blocks")
+    why = suffix_only(block_config(model.config, spec))
+    if why is not None:  # also: some run a block more than once (Dory's loop), so one pass is no score
+        raise ShortenedError(f"{why}, so its blocks are not scored for removal: only the last blocks can be "
+                             "removed exactly; name them with prune --blocks")
     if crit.needs_data and isinstance(calib_ids, torch.Tensor) and calib_ids.dim() == 2:
         check_seq_len(model, int(calib_ids.shape[1]), flag="calibration length")
     engine_kw: dict[str, Any] = {}

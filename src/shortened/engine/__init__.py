@@ -35,7 +35,8 @@ from .workers import DEFAULT_BATCH_TOKENS, WorkerPool, call_groups, default_work
 
 __all__ = [
     "DEFAULT_BATCH_TOKENS", "DEFAULT_LOSS_CHUNK", "DEFAULT_VOCAB_CHUNK", "BlockCall", "Capture",
-    "BlockVariants", "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "block_hidden", "call_block", "call_groups", "capture_blocks",
+    "BlockVariants", "DenseTargets", "Engine", "HeadLoss", "WorkerPool", "block_hidden", "call_block", "call_groups",
+    "capture_blocks",
     "check_calib_ids", "default_workers", "ppl_from_mean_nll", "split_block_call", "token_nll", "without_cache",
 ]
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..archs import ArchSpec, block_config, get_blocks, get_submodule
 from ..errors import ShortenedError
-from ..archs import ArchSpec, get_submodule
+from .capture import block_hidden
 
 #: Tokens per head chunk when computing the loss over the vocabulary (keeps [chunk, vocab] logits small).
 DEFAULT_LOSS_CHUNK = 1024
@@ -79,8 +80,6 @@ class HeadLoss:
            vocab_chunk: int = 0) -> "HeadLoss":
         """The head of ``model`` as its architecture entry names it, soft-cap from its config."""
         modules = [m for m in (get_submodule(model, p) for p in spec.head) if m is not None]
-        from ..archs import block_config
-
         config = block_config(model.config, spec)
         cap = getattr(config, spec.logit_softcap_field, None) if spec.logit_softcap_field else None
         return cls(modules, float(cap) if cap else None, loss_chunk=loss_chunk, vocab_chunk=vocab_chunk)
@@ -88,9 +87,6 @@ class HeadLoss:
     def check_against(self, model: nn.Module, spec: ArchSpec, ids: torch.Tensor, tolerance: float = 1e-4) -> None:
         """Refuse a head that does not reproduce ``model``'s own logits on ``ids`` (e.g. a discovered layout
         that misses a logit scale): the last block's output through :meth:`head` against ``model(ids)``."""
-        from ..archs import get_blocks
-        from .capture import block_hidden
-
         seen: list[torch.Tensor] = []
 
         def keep(module, args, output):

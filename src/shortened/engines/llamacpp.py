@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,6 @@ def probability_difference(model: Any, server: LlamaServer, prompts: Sequence[Se
                 measured += 1
                 worst = max(worst, max(abs(probs[end - 1, t].item() - p) for t, p in theirs.items()))
     return worst, measured
-
-
-@contextlib.contextmanager
-def serving(gguf: str | os.PathLike, **kwargs: Any) -> Iterator[LlamaServer]:
-    """``with serving(file) as server:``, the same as ``with LlamaServer(file) as server:``."""
-    with LlamaServer(gguf, **kwargs) as server:
-        yield server
 
 
 def _free_port() -> int:

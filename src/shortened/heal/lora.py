@@ -30,14 +30,9 @@ _NOT_ADAPTED = frozenset({"gate", "router", "shared_expert_gate", "wg", "router_
 _SSM_READS_ITSELF = ("x_proj", "dt_proj", "out_proj")
 
 
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """The linear projections of a block that LoRA adapts: ``ArchSpec.lora_targets`` for a table entry, else
-    every linear layer inside the blocks except routers."""
-    return lora_targets(model)[0]
-
-
 def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
-    """``(modules, parameters)`` LoRA can adapt: linear projections by name (see :func:`lora_target_modules`)
+    """``(modules, parameters)`` LoRA can adapt: linear projections by name (``ArchSpec.lora_targets`` for a
+    table entry, else every linear layer inside the blocks but routers and what SSM mixers read themselves)
     and the fused expert weights of MoE blocks (3-D parameters under ``experts``, adapted through peft's
     ``target_parameters``, which needs ``dropout`` 0), named relative to a block."""
     spec = get_arch(model)
@@ -62,17 +57,18 @@ def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return modules, parameters
 
 
-def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05, seed: int = 0) -> Any:
-    """Wrap ``model`` in a peft LoRA model (only the adapters trainable); initialisation is seeded."""
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05, seed: int = 0,
+             plan: dict[str, Any] | None = None) -> Any:
+    """Wrap ``model`` in a peft LoRA model (only the adapters trainable) on the targets of ``plan`` (default:
+    :func:`lora_plan`); initialisation is seeded."""
     from peft import LoraConfig, get_peft_model
 
     if r < 1:
         raise ShortenedError(f"--lora-r must be at least 1, got {r}")
     if not 0 <= dropout < 1:
         raise ShortenedError(f"--lora-dropout must be in [0, 1), got {dropout}")
-    modules, parameters = lora_targets(model)
-    if dropout:
-        parameters = []  # see lora_plan: peft's LoRA on parameters has no dropout
+    plan = plan or lora_plan(model, dropout)
+    modules, parameters = plan["modules"], plan["expert_parameters"]
     if not modules and not parameters:
         raise ShortenedError("the only LoRA targets of this model are its expert weights, which peft adapts only "
                              "without dropout: pass --lora-dropout 0")
@@ -105,7 +101,8 @@ def _prepare(ctx: HealContext) -> Prepared:
     plan = lora_plan(ctx.model, s.lora_dropout)
     if "not_adapted" in plan:
         log.warning("LoRA leaves the expert weights alone: %s", plan["not_adapted"]["why"])
-    return Prepared(add_lora(ctx.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.seed), LMObjective(), "lora",
+    return Prepared(add_lora(ctx.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.seed, plan=plan), LMObjective(),
+                    "lora",
                     finalize=merge_lora, adapter=True, extra={"lora_targets": plan})
 
 
