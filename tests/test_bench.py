@@ -9,7 +9,7 @@ import time
 import pytest
 
 from shortened import remove_blocks, save_model
-from shortened.bench import _PeakRSS, bench_model, flops_per_token
+from shortened.bench import PeakRSS, bench_model, flops_per_token
 from shortened.cli import main
 from tiny_models import N_LAYERS, tiny_model
 
@@ -40,8 +40,8 @@ def test_flops_per_token_by_hand():
 @pytest.mark.parametrize("kernel", [True, False], ids=["high-water-mark", "sampling-thread"])
 def test_peak_rss_sees_an_allocation_freed_before_exit(kernel, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(_PeakRSS, "_reset_high_water_mark", lambda self: False)
-    tracker = _PeakRSS()
+        monkeypatch.setattr(PeakRSS, "_reset_high_water_mark", lambda self: False)
+    tracker = PeakRSS()
     before = tracker.peak
     with tracker as rss:
         # 64 MiB of fresh anonymous pages, touched: malloc could serve a tensor from memory an earlier test

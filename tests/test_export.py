@@ -142,3 +142,57 @@ def test_pruned_smollm2_exports_and_matches_transformers(smollm2_folder, tmp_pat
                                                    "Give three tips for staying healthy.")]
     with LlamaServer(out) as server:
         assert _max_prob_difference(model, server, prompts) < 2e-3
+
+
+def test_run_gguf_is_refused_before_any_stage(tmp_path, monkeypatch, smollm2_tokenizer, capsys):
+    """``run --gguf`` without llama.cpp, or a GGUF option without ``--gguf``, fails in a second, not after the
+    run's stages, and leaves no output folder."""
+    from eval_data import tiny_llama_for_tokenizer
+    from shortened import save_model
+    from shortened.cli import main
+
+    folder = save_model(tiny_llama_for_tokenizer(), smollm2_tokenizer, tmp_path / "tiny")
+    monkeypatch.setenv("SHORTENED_LLAMA_CPP", str(tmp_path / "nowhere"))
+    base = ["run", str(folder), "--criterion", "bi", "--num-blocks", "1", "--heal", "none", "--out",
+            str(tmp_path / "out")]
+    for extra, message in ((["--gguf"], "make llamacpp"), (["--gguf-outtype", "f16"], "which --gguf turns on")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_run_gguf_writes_the_file_the_card_names(tmp_path, smollm2_tokenizer, capsys):
+    """The exported file sits beside the model with the pruned block count, the card names it and its SHA-256,
+    llama.cpp serves it like transformers, and a re-run without --gguf takes it away again."""
+    import gguf
+
+    from eval_data import tiny_llama_for_tokenizer
+    from shortened import load_model, save_model
+    from shortened.cli import main
+    from shortened.engines.llamacpp import LlamaServer
+    from shortened.export import sha256
+
+    _llama_cpp()
+    _server()
+    folder = save_model(tiny_llama_for_tokenizer(), smollm2_tokenizer, tmp_path / "tiny")
+    out = tmp_path / "out"
+    base = ["run", str(folder), "--criterion", "bi", "--calib", "self", "--n-samples", "2", "--seq-len", "16",
+            "--num-blocks", "2", "--heal", "none", "--eval", "none", "--bench", "none", "--no-progress",
+            "--out", str(out)]
+    assert main([*base, "--gguf", "--gguf-outtype", "f16"]) == 0
+    file = out / "model-f16.gguf"
+    reader = gguf.GGUFReader(str(file))
+    assert reader.fields["llama.block_count"].contents() == json.loads((out / "config.json").read_text())[
+        "num_hidden_layers"] == 4
+    card = (out / "README.md").read_text()
+    assert f"`model-f16.gguf` (f16 weights; SHA-256 `{sha256(file)}`)" in card
+    assert "llama-server -m model-f16.gguf" in card
+    model, _ = load_model(str(out))
+    prompts = [smollm2_tokenizer(t)["input_ids"] for t in ("The capital of France is", "def fibonacci(n):")]
+    with LlamaServer(file) as server:
+        assert _max_prob_difference(model, server, prompts) < 5e-3  # f16 weights
+    assert main(base) == 0
+    assert not list(out.glob("*.gguf")) and "shortened export" in (out / "README.md").read_text()
+    capsys.readouterr()

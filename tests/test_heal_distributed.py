@@ -75,3 +75,26 @@ def test_two_processes_equal_one(tmp_path):
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sharded_modes_are_refused_and_fsdp_on_cpu_is_named_ddp(monkeypatch, caplog):
+    """FSDP / DeepSpeed processes hold shards: healing, which saves and picks the best step from whole weights,
+    refuses them rather than save a shard. On CPUs accelerate turns an FSDP launch into DDP; that is said."""
+    from accelerate.utils import DistributedType
+
+    from shortened.errors import ShortenedError
+    from shortened.heal import check_distributed
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        try:
+            check_distributed(kind)
+        except ShortenedError as exc:
+            assert "--multi_gpu" in str(exc) and kind.value in str(exc)
+        else:
+            raise AssertionError(f"{kind} was not refused")
+    check_distributed(DistributedType.MULTI_GPU)
+    check_distributed(DistributedType.NO)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with caplog.at_level("WARNING"):
+        check_distributed(DistributedType.MULTI_CPU)
+    assert "train as DDP" in caplog.text

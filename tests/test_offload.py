@@ -166,7 +166,7 @@ def test_prune_from_disk_in_shards(tmp_path):
     real = offload.save_from_disk
     out = tmp_path / "out"
     try:  # tiny shards, so the index path is exercised
-        offload.save_from_disk = lambda m, k, f: real(m, k, f, shard_bytes=20_000)
+        offload.save_from_disk = lambda m, k, f, **kw: real(m, k, f, shard_bytes=20_000, **kw)
         save_model(on_disk, None, out, record)
     finally:
         offload.save_from_disk = real

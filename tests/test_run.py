@@ -216,6 +216,10 @@ def test_a_changed_dtype_reruns_every_stage_that_loads_the_source(tiny_with_toke
     assert main([*argv, "--dtype", "bfloat16"]) == 0
     changed = capsys.readouterr().out
     assert "skipped" not in changed, changed
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # saved as the source is
+    assert main([*argv, "--dtype", "bfloat16", "--save-dtype", "bfloat16"]) == 0
+    rerun = capsys.readouterr().out  # only the saved model depends on --save-dtype
+    assert "[scores] finished earlier" in rerun and "[pruned] running" in rerun, rerun
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,8 +57,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _PeakRSS:
-    """Peak resident set size of this process over a ``with`` block (CPU has no allocator peak counter).
+class PeakRSS:
+    """Peak resident set size of this process (or of process ``pid``) over a ``with`` block (CPU has no
+    allocator peak counter).
 
     On Linux the kernel's high-water mark (``VmHWM``) is reset on entry (``/proc/self/clear_refs``) and read
     on exit: exact, and nothing runs beside the timed code. Elsewhere a thread samples the RSS; it competes
@@ -67,10 +69,12 @@ class _PeakRSS:
     _STATUS = "/proc/self/status"
     _CLEAR = "/proc/self/clear_refs"
 
-    def __init__(self, interval: float = 0.002):
+    def __init__(self, interval: float = 0.002, pid: int | None = None):
         import psutil
 
-        self._proc = psutil.Process()
+        self._proc = psutil.Process(pid)
+        if pid is not None:  # another process (an engine's server or worker): its own /proc entries
+            self._STATUS, self._CLEAR = f"/proc/{pid}/status", f"/proc/{pid}/clear_refs"
         self._interval = interval
         self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
@@ -100,7 +104,7 @@ class _PeakRSS:
             self.peak = max(self.peak, self._proc.memory_info().rss)
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> "_PeakRSS":
+    def __enter__(self) -> "PeakRSS":
         if not self._kernel:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -122,6 +126,13 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def random_prompt(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
+    """The benchmark's prompts: fixed random token ids (no tokenizer differences, no early EOS; the output
+    length is forced anyway), the same for every model and engine."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab_size, (batch, prompt_len), generator=g)
+
+
 class _Generator:
     """Times ``generate`` of one model in this process; one timing point at a time, so peak memory can be
     read over exactly the timed runs of a point."""
@@ -129,11 +140,9 @@ class _Generator:
     def __init__(self, model: nn.Module, *, max_batch: int, prompt_len: int = 32, seed: int = 0):
         self.model = model
         self.device = next(model.parameters()).device
-        g = torch.Generator().manual_seed(seed)
-        # A fixed random prompt avoids tokenizer differences and early EOS (output length is forced anyway).
-        self.prompt = torch.randint(10, model.config.vocab_size, (max_batch, prompt_len), generator=g).to(self.device)
+        self.prompt = random_prompt(model.config.vocab_size, max_batch, prompt_len, seed).to(self.device)
         self._batch = 1
-        self._rss: _PeakRSS | None = None
+        self._rss: PeakRSS | None = None
 
     def _generate(self, new_tokens: int) -> None:
         ids = self.prompt[: self._batch]
@@ -151,7 +160,7 @@ class _Generator:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._rss = _PeakRSS().__enter__()
+            self._rss = PeakRSS().__enter__()
 
     def time(self, new_tokens: int) -> float:
         """Seconds for one ``generate`` of ``new_tokens`` tokens at the current batch size."""
@@ -366,9 +375,55 @@ class _ProcessRunner:
         self._conn.close()
 
 
+#: Where generation can be timed: transformers in this environment, or a serving engine of its own.
+ENGINES = ("hf", "vllm", "llamacpp")
+#: Each engine's weight type when none is asked for: what users serve on a CPU with bf16 support, and
+#: the same for both engines, so their figures compare.
+DEFAULT_ENGINE_DTYPE = {"vllm": "bfloat16", "llamacpp": "bf16"}
+
+
+def _engine_runner(engine: str, folder: str, *, dtype: str | None, threads: int | None,
+                   gen_kwargs: dict[str, Any], max_tokens: int) -> Any:
+    """A runner timing the saved model ``folder`` in a serving engine (see ``_measure`` for the interface)."""
+    if engine == "llamacpp":
+        from .engines.llamacpp import LlamaCppRunner
+
+        return LlamaCppRunner(folder, outtype=dtype or DEFAULT_ENGINE_DTYPE[engine], threads=threads,
+                              max_tokens=max_tokens, **gen_kwargs)
+    from .engines.vllm_engine import VllmRunner
+
+    return VllmRunner(folder, dtype=dtype or DEFAULT_ENGINE_DTYPE[engine], threads=threads, max_tokens=max_tokens,
+                      **gen_kwargs)
+
+
+def folder_info(folder: str, context_len: int) -> dict[str, Any]:
+    """What ``_model_info`` says of a loaded model, for a saved folder: the model is built on the meta device
+    from its config, so no weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {"num_blocks": len(get_blocks(model)), "parameters": sum(p.numel() for p in model.parameters()),
+            "flops_per_token": flops_per_token(model, context_len), "flops_context_len": context_len}
+
+
+#: The weight types each serving engine takes.
+ENGINE_DTYPES = {"llamacpp": ("f32", "f16", "bf16", "q8_0"), "vllm": ("float32", "bfloat16", "float16")}
+
+
 def check_settings(batch_sizes: Sequence[int], output_lens: Sequence[int], *, prompt_len: int = 32,
-                   repeats: int = 3, warmup: int = 1, threads: int | None = None) -> None:
+                   repeats: int = 3, warmup: int = 1, threads: int | None = None, engine: str = "hf",
+                   engine_dtype: str | None = None) -> None:
     """Refuse benchmark settings that cannot be measured, with one line, before any model is loaded."""
+    if engine not in ENGINES:
+        raise ShortenedError(f"unknown engine '{engine}': choose from {', '.join(ENGINES)}")
+    if engine_dtype is not None:
+        if engine == "hf":
+            raise ShortenedError("--engine-dtype is for --engine vllm or llamacpp; transformers takes --dtype")
+        if engine_dtype not in ENGINE_DTYPES[engine]:
+            raise ShortenedError(f"--engine-dtype for {engine} must be one of {', '.join(ENGINE_DTYPES[engine])}, "
+                                 f"got '{engine_dtype}'")
     for name, values in (("batch size", batch_sizes), ("output length", output_lens), ("prompt length", [prompt_len]),
                          ("repeats", [repeats]), ("threads", [1 if threads is None else threads])):
         if not values:
@@ -408,6 +463,8 @@ def run_benchmark(
     warmup: int = 1,
     repeats: int = 3,
     seed: int = 0,
+    engine: str = "hf",
+    engine_dtype: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``model`` (and ``baseline``) and compare them.
@@ -418,9 +475,14 @@ def run_benchmark(
     other, for when both do not fit in memory together. The result holds every raw measurement, the
     pruned/baseline ratios and the FLOP-ratio bound: the speed-up that per-token compute alone predicts
     (baseline FLOPs / pruned FLOPs). ``threads`` sets torch's CPU threads in each measuring process.
+
+    ``engine`` times generation where the model is served instead: ``vllm`` or ``llamacpp`` (each model a
+    saved local folder; ``engine_dtype`` the weight type there, default ``DEFAULT_ENGINE_DTYPE``), with the
+    same prompts, interleaving, medians and FLOP bound.
     """
     load_kwargs = load_kwargs or {}
-    check_settings(batch_sizes, output_lens, prompt_len=prompt_len, repeats=repeats, warmup=warmup, threads=threads)
+    check_settings(batch_sizes, output_lens, prompt_len=prompt_len, repeats=repeats, warmup=warmup, threads=threads,
+                   engine=engine, engine_dtype=engine_dtype)
     specs = {"model": model} | ({"baseline": baseline} if baseline else {})
     for spec in specs.values():
         check_context(spec, prompt_len + max(output_lens), load_kwargs)
@@ -429,6 +491,15 @@ def run_benchmark(
     schedule = dict(batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=prompt_len, warmup=warmup,
                     repeats=repeats, progress=progress)
     runner_cls = _ProcessRunner if isolate else _LocalRunner
+    if engine != "hf":
+        specs = {role: str(_local_folder(spec, engine, load_kwargs)) for role, spec in specs.items()}
+
+        def runner_cls(spec: str, *_: Any) -> Any:
+            runner = _engine_runner(engine, spec, dtype=engine_dtype, threads=threads, gen_kwargs=gen_kwargs,
+                                    max_tokens=prompt_len + max(output_lens))
+            runner.info = {**folder_info(spec, context_len), **runner.info}
+            return runner
+
     groups = [list(specs)] if interleave else [[role] for role in specs]
     results: dict[str, Any] = {}
     for group in groups:
@@ -444,7 +515,9 @@ def run_benchmark(
             results[role] = {"model": specs[role], **runners[role].info, "points": points_to_dicts(points[role])}
     settings = dict(batch_sizes=list(batch_sizes), output_lens=list(output_lens), prompt_len=prompt_len,
                     warmup=warmup, repeats=repeats, seed=seed, isolate=isolate, interleave=interleave,
-                    threads=threads, **load_kwargs)
+                    threads=threads, engine=engine, **load_kwargs)
+    if engine != "hf":
+        settings["engine_dtype"] = engine_dtype or DEFAULT_ENGINE_DTYPE[engine]
     out: dict[str, Any] = {"settings": settings, "models": {role: results[role] for role in specs}}
     if baseline:
         pruned_pts = [BenchPoint(**_points_from_dict(d)) for d in results["model"]["points"]]
@@ -457,6 +530,16 @@ def run_benchmark(
     return out
 
 
+def _local_folder(spec: str, engine: str, load_kwargs: dict[str, Any]) -> Path:
+    from .loading import resolve_local_folder
+
+    folder = resolve_local_folder(spec, load_kwargs.get("cache_dir"))
+    if folder is None or not folder.is_dir():
+        raise ShortenedError(f"--engine {engine} serves a saved model folder; {spec} is not one "
+                             "(save it first, or give its local folder)")
+    return folder
+
+
 def _points_from_dict(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     d["latency_s"] = Timing(**d["latency_s"])
@@ -466,8 +549,15 @@ def _points_from_dict(d: dict[str, Any]) -> dict[str, Any]:
 
 def format_bench(result: dict[str, Any]) -> str:
     """A Markdown table of the measurements (and ratios when a baseline was measured)."""
-    lines = ["| model | blocks | batch | out len | latency s (min-max) | tok/s | decode tok/s | peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = []
+    settings = result.get("settings", {})
+    if settings.get("engine", "hf") != "hf":
+        versions = sorted({str(r.get("engine_version")) for r in result["models"].values()})
+        memory = sorted({p["memory_kind"] for r in result["models"].values() for p in r["points"]})
+        lines += [f"engine {settings['engine']} ({', '.join(versions)}), dtype {settings.get('engine_dtype')}"
+                  + (f", peak memory = {', '.join(memory)}" if memory else ""), ""]
+    lines += ["| model | blocks | batch | out len | latency s (min-max) | tok/s | decode tok/s | peak MiB |",
+              "|---|---|---|---|---|---|---|---|"]
     for role, r in result["models"].items():
         for p in r["points"]:
             lat = p["latency_s"]

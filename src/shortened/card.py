@@ -102,6 +102,11 @@ def _method_lines(record: dict[str, Any], data_labels: dict[str, str]) -> list[s
                                 for i, (stage, text) in enumerate(zip(heal["stages"], stages))) if len(stages) > 1 else ""))
     else:
         lines.append("- **Healing:** none (one-shot removal)")
+    saved, source_dtype = record.get("weights_dtype"), record.get("source_dtype")
+    if saved:
+        how = ("the source checkpoint's" if saved == source_dtype else
+               f"the source checkpoint's: {source_dtype}" if source_dtype else "the source's is not known")
+        lines.append(f"- **Weights:** {saved} ({how})")
     return lines
 
 
@@ -158,9 +163,12 @@ def model_card(
     repo_name: str | None = None,
     notes: Sequence[str] = (),
     data_labels: dict[str, str] | None = None,
+    gguf: dict[str, Any] | None = None,
 ) -> str:
     """The README.md of a pruned model folder: front matter, method, results, efficiency, usage, citation.
-    ``data_labels`` describe healing data paths that mean nothing to a reader (text sampled by the run)."""
+    ``data_labels`` describe healing data paths that mean nothing to a reader (text sampled by the run);
+    ``gguf`` is what :func:`shortened.export.export_gguf` wrote beside the model (the card names the file and its
+    SHA-256)."""
     if not record:
         raise ShortenedError("a model card needs the pruning record (pruning.json)")
     source = str(record.get("source"))
@@ -203,11 +211,25 @@ def model_card(
               "the original index of block i), the selection and healing settings and the library versions.",
               "## Use with vLLM, llama.cpp and Ollama",
               f"vLLM serves this folder as it is: `LLM(\"{title}\")` (vLLM's CPU build: add `dtype=\"float32\", "
-              "max_model_len=2048, gpu_memory_utilization=0.25`). For llama.cpp, write a GGUF file with shortened, "
-              "which also writes the per-layer metadata that pruning changed (llama.cpp's converter alone gets "
-              f"Gemma 3's sliding-window layers wrong after a removal): `shortened export {title} --gguf "
-              "model.gguf`, then `llama-server -m model.gguf`. Ollama imports the same file (a Modelfile with "
-              "`FROM ./model.gguf`; not part of shortened's checks).",
+              "max_model_len=2048, gpu_memory_utilization=0.25`). " + _gguf_usage(title, gguf),
               "## Licence", f"Inherited from the source model: **{license or 'see the source model'}**.",
               "## Citation", "```bibtex\n" + CITATION + "\n```"]
     return "\n\n".join(parts) + "\n"
+
+
+def _gguf_usage(title: str, gguf: dict[str, Any] | None) -> str:
+    """How to run the model in llama.cpp and Ollama: the GGUF file beside it, or the command that writes one."""
+    why = ("with the per-layer metadata that pruning changed (llama.cpp's converter alone gets Gemma 3's "
+           "sliding-window layers wrong after a removal)")
+    if gguf is None:
+        file = "model.gguf"
+        text = (f"For llama.cpp, write a GGUF file with shortened, {why}: `shortened export {title} --gguf "
+                f"{file}`, then `llama-server -m {file}`.")
+    else:
+        file = gguf["file"]
+        written = ", ".join(f"`{k}`" for k in gguf.get("metadata", [])) or "none needed"
+        text = (f"For llama.cpp, this folder holds `{file}` ({gguf['outtype']} weights; SHA-256 "
+                f"`{gguf['sha256']}`), written by `shortened export` {why}; per-layer metadata written: "
+                f"{written}. Run it with `llama-server -m {file}`.")
+    return text + (f" Ollama imports the same file (a Modelfile with `FROM ./{file}`; not part of shortened's "
+                   "checks).")

@@ -78,6 +78,24 @@ def layer_metadata(config: dict[str, Any]) -> dict[str, list[bool]]:
     return {}
 
 
+def check_gguf_export(config: dict[str, Any] | None, outtype: str = "f32",
+               llama_cpp: str | os.PathLike | None = None) -> Path:
+    """Refuse, in a second and before any conversion, what :func:`export_gguf` cannot do for a model with this
+    config (a dict; None when it is not known yet: the architecture is then checked at the export): an unknown
+    outtype, no llama.cpp, an architecture its converter does not take. Returns the llama.cpp tree."""
+    if outtype not in OUTTYPES:
+        raise ShortenedError(f"--outtype must be one of {', '.join(OUTTYPES)}, got '{outtype}'")
+    tree = find_llama_cpp(llama_cpp)
+    if config is None:
+        return tree
+    architectures = config.get("architectures") or []
+    if not architectures or architectures[0] not in supported_architectures(tree):
+        what = architectures[0] if architectures else "a model whose config names no architecture"
+        raise ShortenedError(f"llama.cpp's converter in {tree} cannot convert {what} "
+                             f"(model_type {config.get('model_type')})")
+    return tree
+
+
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32",
                 llama_cpp: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Convert the HF model in ``folder`` to the GGUF file ``out`` with llama.cpp's converter and write the
@@ -97,13 +115,8 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
         raise ShortenedError(f"{config_file} does not read as JSON: {exc}") from None
     if not any(folder.glob("*.safetensors")):
         raise ShortenedError(f"{folder} has no safetensors weights to convert")
-    tree = find_llama_cpp(llama_cpp)
-    architectures = config.get("architectures") or []
-    supported = supported_architectures(tree)
-    if not architectures or architectures[0] not in supported:
-        what = architectures[0] if architectures else "a model whose config names no architecture"
-        raise ShortenedError(f"llama.cpp's converter in {tree} cannot convert {what} "
-                             f"(model_type {config.get('model_type')})")
+    tree = check_gguf_export(config, outtype, llama_cpp)
+    architectures = config["architectures"]
     fixes = layer_metadata(config)
     with atomic_output(out, overwrite=overwrite, kind="file") as tmp:
         converted = tmp.with_name(tmp.name + ".converted")

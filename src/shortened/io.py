@@ -24,9 +24,12 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ShortenedError
+
+if TYPE_CHECKING:
+    import torch
 
 RECORD_FILE = "pruning.json"
 TMP_INFIX = ".tmp-"
@@ -368,6 +371,7 @@ def save_model(
     overwrite: bool = False,
     kept: list[int] | None = None,
     verify: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Save a plain HF model folder (safetensors weights, config, generation config, tokenizer) and
     ``pruning.json`` atomically: the folder appears complete or not at all.
@@ -378,6 +382,10 @@ def save_model(
     With ``verify`` (the default) the written folder is reloaded with plain transformers and compared with
     ``model`` before it is moved into place (:func:`shortened.verify.verify_saved`): a difference is a
     ShortenedError and nothing is left at ``out``. What was checked is recorded as ``verification``.
+
+    ``dtype`` is the dtype of the saved weights (e.g. the source checkpoint's, :func:`shortened.loading.save_dtype`);
+    a model in memory in another dtype is converted in place first, so that what is verified is what is saved.
+    None saves the weights as they are. The record notes the saved dtype as ``weights_dtype``.
     """
     from .offload import disk_blocks, save_from_disk
 
@@ -399,9 +407,11 @@ def save_model(
                                  "from the indices remove_blocks returned for this model")
     if on_disk and kept is None:
         raise ShortenedError("a model with its blocks on disk is saved with its pruning record (kept_blocks)")
+    if dtype is not None and not on_disk:
+        cast_weights(model, dtype)
     with atomic_output_dir(out, overwrite) as tmp:
         if on_disk:
-            save_from_disk(model, list(kept), tmp)  # type: ignore[arg-type]
+            save_from_disk(model, list(kept), tmp, dtype=dtype)  # type: ignore[arg-type]
         else:
             model.save_pretrained(tmp)  # transformers 5 always writes safetensors
         if tokenizer is not None:
@@ -413,8 +423,25 @@ def save_model(
             if record is not None:
                 record = dict(record, verification=report)
         if record is not None:
+            from .loading import dtype_name
+
+            saved = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            record = dict(record, weights_dtype=dtype_name(saved))
             write_json(tmp / RECORD_FILE, record)
     return Path(out)
+
+
+def cast_weights(model: Any, dtype: torch.dtype) -> None:
+    """Parameters and persistent floating buffers to ``dtype``, in place. Non-persistent buffers (RoPE
+    frequencies) stay as they are: ``from_pretrained`` computes them in float32 whatever the dtype, and the
+    saved model is verified against a reload."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # the same Parameter: tied weights stay tied
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != dtype and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = b.to(dtype)
 
 
 def pruning_record(

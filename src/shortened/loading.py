@@ -90,6 +90,43 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.
         raise ShortenedError(f"unknown dtype '{dtype}': use auto, {', '.join(_DTYPES)}") from None
 
 
+#: What ``--save-dtype`` takes: ``source`` keeps the dtype the source checkpoint is stored in.
+SAVE_DTYPES = ("source", "float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(spec: str | os.PathLike, options: LoadOptions | None = None) -> torch.dtype | None:
+    """The floating dtype a model's weights are stored in, from its config (``dtype``, formerly
+    ``torch_dtype``): a GGUF file's is float32 (it is dequantized); None where the config does not say or
+    cannot be read (a Hub id offline)."""
+    options = options or LoadOptions()
+    config = local_config(spec, options)
+    if config is None and resolve_local_folder(str(spec), options.cache_dir) is None:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(spec), revision=options.revision,
+                                                trust_remote_code=options.trust_remote_code)
+        except Exception:  # noqa: BLE001 - offline, gated, missing: the dtype is then unknown
+            return None
+    dtype = getattr(getattr(config, "text_config", None) or config, "dtype", None) if config is not None else None
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as configs and records write it."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def save_dtype(requested: str, spec: str | os.PathLike, options: LoadOptions | None = None) -> torch.dtype | None:
+    """The dtype a pruned or healed model of ``spec`` is saved in: ``requested`` (one of :data:`SAVE_DTYPES`),
+    ``source`` being the checkpoint's own (None, i.e. as computed, where that is unknown)."""
+    if requested not in SAVE_DTYPES:
+        raise ShortenedError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got '{requested}'")
+    return checkpoint_dtype(spec, options) if requested == "source" else _DTYPES[requested]
+
+
 def resolve_alias(name: str) -> Path:
     """The path of the GGUF file behind an alias such as ``smollm2-135m``."""
     package, filename, install = ALIASES[name]

@@ -257,9 +257,11 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def save_from_disk(model: nn.Module, kept: list[int], folder: Path, *, shard_bytes: int = 4 * 2**30) -> None:
+def save_from_disk(model: nn.Module, kept: list[int], folder: Path, *, shard_bytes: int = 4 * 2**30,
+                   dtype: torch.dtype | None = None) -> None:
     """Write the weights and config of ``model`` (pruned, its blocks on disk) into ``folder``, one block at a
-    time: new block ``i`` is read from the checkpoint's block ``kept[i]``. Memory: one block and one shard."""
+    time: new block ``i`` is read from the checkpoint's block ``kept[i]``; floating tensors in ``dtype`` when
+    given (else as loaded). Memory: one block and one shard."""
     store = disk_blocks(model)
     if store is None:
         raise ShortenedError("save_from_disk needs a model loaded with its blocks on disk")
@@ -267,6 +269,8 @@ def save_from_disk(model: nn.Module, kept: list[int], folder: Path, *, shard_byt
     blocks = get_blocks(model, spec)
     if len(kept) != len(blocks):
         raise ShortenedError(f"{len(kept)} kept block indices for a model of {len(blocks)} blocks")
+    if dtype is not None:
+        model.config.dtype = dtype
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -278,16 +282,20 @@ def save_from_disk(model: nn.Module, kept: list[int], folder: Path, *, shard_byt
         if name.startswith(prefix) or name not in persistent or id(t) in seen:
             continue  # blocks come next; non-persistent buffers are not saved; a tied head is saved once
         seen.add(id(t))
-        writer.add(name, t)
+        writer.add(name, _as(t, dtype))
     cpu = torch.device("cpu")
     for new, (block, old) in enumerate(zip(blocks, kept)):
         store.fetch(block, old, cpu)
         try:
             for name, t in block.state_dict().items():
-                writer.add(f"{prefix}{new}.{name}", t)
+                writer.add(f"{prefix}{new}.{name}", _as(t, dtype))
         finally:
             store.release(block, old)
     writer.close()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 __all__ = ["BlockHome", "DiskBlocks", "MemoryHome", "disk_blocks", "index_checkpoint", "load_blocks_on_disk",

@@ -6,13 +6,15 @@ Layout of the output folder ``OUT``::
       README.md               the model card
       pruning.json            the run record
       scores.png, bench.png, loss.png, results/*.json
+      model-OUTTYPE.gguf      with --gguf: the final model for llama.cpp and Ollama
       stages/                 every stage's own output (kept; a re-run skips finished stages)
-        calibration/ scores/ pruned/ healed/ heldout/ eval-dense/ eval-pruned/ eval-healed/ bench/
+        calibration/ scores/ pruned/ healed/ heldout/ eval-dense/ eval-pruned/ eval-healed/ bench/ gguf/
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -27,7 +29,7 @@ from .io import RECORD_FILE, read_json, write_file, write_json, write_text
 from .stages import STAGE_FILE, StageRunner
 
 #: Files of the final model copied (hard-linked when possible) from its stage folder to OUT.
-_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt")
+_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".gguf")
 #: Plots put beside the model: (stage, file); stage None is the final model's own stage.
 _PLOTS: tuple[tuple[str | None, str], ...] = (("scores", "scores.png"), ("scores", "scores-search.png"),
                                               ("bench", "bench.png"), (None, "loss.png"))
@@ -79,6 +81,8 @@ class RunConfig:
     progress: bool = True
     force: bool = False
     push_to_hub: str | None = None
+    save_dtype: str = "source"  # dtype of the saved models: the source checkpoint's, or one of loading.SAVE_DTYPES
+    gguf: str | None = None  # a GGUF outtype: export the final model for llama.cpp at the end; None: no export
     command_line: str | None = None  # recorded only: the command that started the run
 
     def check(self) -> None:
@@ -109,9 +113,11 @@ class RunConfig:
         from .criteria import get_criterion
         from .data import check_source
         from .evaluation import check_request
-        from .loading import check_device
+        from .loading import SAVE_DTYPES, check_device
 
         check_device(self.load.get("device"))
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ShortenedError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got '{self.save_dtype}'")
         for flag, value, low in (("--n-samples", self.n_samples, 1), ("--seq-len", self.seq_len, 2)):
             if value < low:
                 raise ShortenedError(f"{flag} must be at least {low}, got {value}")
@@ -139,6 +145,10 @@ class RunConfig:
         config = local_config(self.model, LoadOptions(**options))
         if config is not None:
             check_config(config)
+        if self.gguf is not None:  # llama.cpp present and able to take this architecture, before any stage
+            from .export import check_gguf_export
+
+            check_gguf_export(config.to_dict() if config is not None else None, self.gguf)
 
     def _check_heal_options(self) -> None:
         o = self.heal_options
@@ -260,13 +270,20 @@ class Pipeline:
         folder = self.stages.run("scores", settings, work)
         return read_json(folder / "selection.json")
 
+    @functools.cached_property
+    def save_dtype(self) -> torch.dtype | None:
+        """The dtype the pruned and healed models are saved in (None: as computed)."""
+        from .loading import LoadOptions, save_dtype
+
+        return save_dtype(self.c.save_dtype, self.c.model, LoadOptions(**self.c.load))
+
     def pruned(self) -> Path:
         selection = self.selection()
-        settings = {"scores": self.stages.token("scores"), "model": self.source}
+        settings = {"scores": self.stages.token("scores"), "model": self.source, "save_dtype": self.c.save_dtype}
 
         def work(tmp: Path) -> None:
             from .io import pruning_record, save_model
-            from .loading import load_model
+            from .loading import LoadOptions, checkpoint_dtype, dtype_name, load_model
             from .surgery import remove_blocks
 
             # A fresh copy: the dense model stays intact for evaluation and as the teacher.
@@ -274,7 +291,8 @@ class Pipeline:
             n = len(selection["scores"]["scores"])
             kept = remove_blocks(model, selection["removed"])
             record = pruning_record(self.c.model, n, kept, model_type=model.config.model_type, selection=selection)
-            save_model(model, tokenizer, tmp / "model", record)
+            record["source_dtype"] = dtype_name(checkpoint_dtype(self.c.model, LoadOptions(**self.c.load)))
+            save_model(model, tokenizer, tmp / "model", record, dtype=self.save_dtype)
             for item in (tmp / "model").iterdir():
                 os.replace(item, tmp / item.name)
             (tmp / "model").rmdir()
@@ -316,7 +334,8 @@ class Pipeline:
             teacher = self.dense()[0] if needs_teacher else None
             out = tmp / "model"
             heal(str(pruned), data, self.c.heal, out=out, teacher=teacher, checkpoint_dir=tmp / "checkpoints",
-                 load=LoadOptions(**self.c.load), progress=self.c.progress, **self.c.heal_options)
+                 load=LoadOptions(**self.c.load), progress=self.c.progress, save_dtype=self.save_dtype,
+                 **self.c.heal_options)
             for item in out.iterdir():
                 os.replace(item, tmp / item.name)
             out.rmdir()
@@ -380,6 +399,24 @@ class Pipeline:
         done = self.stages.run("bench", settings, work)
         return read_json(done / "bench.json")
 
+    def gguf(self, final: Path) -> dict[str, Any] | None:
+        """The final model as a GGUF file for llama.cpp (``shortened export``), named after its weight type."""
+        if self.c.gguf is None:
+            return None
+        settings = dict(final=self.stages.token(final.name), outtype=self.c.gguf)
+
+        def work(tmp: Path) -> None:
+            from .export import export_gguf
+
+            info = export_gguf(final, tmp / f"model-{self.c.gguf}.gguf", outtype=self.c.gguf)
+            info["file"] = Path(info["file"]).name
+            info.pop("converter")  # a path on this machine: the record says what, not where
+            write_json(tmp / "gguf.json", info)
+
+        done = self.stages.run("gguf", settings, work)
+        info = read_json(done / "gguf.json")
+        return info | {"path": str(done / info["file"])}
+
     # -- the whole run -----------------------------------------------------------------------------
     def run(self) -> Path:
         pruned = self.pruned()
@@ -393,11 +430,12 @@ class Pipeline:
             name = f"pruned + {self.c.heal}"
             evaluations.append((name, self.evaluation("healed", healed, name)))
         bench = self.benchmark(final)
-        self.assemble(final, evaluations, bench)
+        self.assemble(final, evaluations, bench, self.gguf(final))
         return self.out
 
-    def assemble(self, final: Path, evaluations: list[tuple[str, dict[str, Any]]], bench: dict[str, Any] | None) -> None:
-        """Put the final model, plots, results and the model card at the top of OUT."""
+    def assemble(self, final: Path, evaluations: list[tuple[str, dict[str, Any]]], bench: dict[str, Any] | None,
+                 gguf: dict[str, Any] | None = None) -> None:
+        """Put the final model, plots, results, the GGUF file and the model card at the top of OUT."""
         from .card import model_card, source_license
         from .loading import resolve_local_folder
 
@@ -406,6 +444,9 @@ class Pipeline:
             if item.is_file() and item.suffix in _MODEL_FILE_SUFFIXES and item.name != STAGE_FILE:
                 _link_or_copy(item, self.out / item.name)
                 model_files.add(item.name)
+        if gguf is not None:
+            _link_or_copy(Path(gguf.pop("path")), self.out / gguf["file"])
+            model_files.add(gguf["file"])
         plots = []
         for stage, name in _PLOTS:
             src = self.stages.folder(stage if stage else final.name) / name
@@ -438,7 +479,8 @@ class Pipeline:
         local = resolve_local_folder(self.c.model, self.c.load.get("cache_dir"))
         notes = [HELDOUT_NOTE] if "heldout" in self.c.ppl_sets else []
         card = model_card(record, evaluations=evaluations, bench=bench, plots=plots, data_labels=self._data_labels,
-                          license=source_license(self.c.model, local), notes=notes, repo_name=self.c.push_to_hub)
+                          license=source_license(self.c.model, local), notes=notes, repo_name=self.c.push_to_hub,
+                          gguf=gguf)
         write_text(self.out / "README.md", card)
 
 

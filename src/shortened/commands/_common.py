@@ -35,6 +35,22 @@ def add_loading_args(parser: argparse.ArgumentParser, *, device_map: bool = True
     return group
 
 
+def add_save_dtype_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--save-dtype``, the same in every command that saves a model."""
+    from ..loading import SAVE_DTYPES
+
+    parser.add_argument("--save-dtype", default="source", choices=SAVE_DTYPES,
+                        help="dtype of the saved weights; source (default): the source checkpoint's (a bf16 model "
+                             "computed in float32 on a CPU is saved in bf16), float32 for a GGUF source")
+
+
+def saving_dtypes(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(dtype to save in or None, the source checkpoint's dtype or None) from ``--save-dtype`` and MODEL."""
+    from ..loading import checkpoint_dtype, save_dtype
+
+    return save_dtype(args.save_dtype, args.model, load_options(args)), checkpoint_dtype(args.model, load_options(args))
+
+
 def load_options(args: argparse.Namespace) -> Any:
     """The :class:`~shortened.loading.LoadOptions` given on the command line."""
     from ..loading import LoadOptions

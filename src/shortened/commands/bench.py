@@ -12,15 +12,25 @@ from ._common import HelpFormatter, add_model_args, load_options, parse_int_list
 EXAMPLES = """examples:
   shortened bench runs/p --baseline smollm2-135m --batch-sizes 1,8 --output-lens 128 --out bench.json
   shortened bench runs/p --baseline meta-llama/Llama-2-7b-hf --batch-sizes 1,8,32 --output-lens 128,512
+  shortened bench runs/p --baseline smollm2-135m --engine llamacpp --batch-sizes 1,8 --out bench-llamacpp.json
+  shortened bench runs/p --baseline smollm2-135m --engine vllm --batch-sizes 1,8 --out bench-vllm.json
 
 Each model is loaded and measured in its own process, so its peak memory is its own (CUDA peak allocated
 on a GPU, process peak RSS on CPU). Both are loaded at once and their runs alternate (ABBA), so that a
 busy machine's slow drifts hit both alike; --sequential measures one after the other. Warm-up runs are
 discarded; latencies are medians of --repeats runs.
+
+--engine times the models where they are served: llamacpp exports each folder to a temporary GGUF
+(--engine-dtype: f32, f16, bf16 or q8_0) and serves it with llama-server, one slot per sequence of the
+largest batch, a batch being that many concurrent requests (llama.cpp's continuous batching); vllm loads each
+folder in a worker of vLLM's own environment (--engine-dtype: float32, bfloat16, float16) and times one
+LLM.generate per batch. Both need saved local folders; 'make llamacpp' / 'make vllm' install the engines.
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..bench import ENGINES
+
     p = sub.add_parser("bench", help="measure generation speed and memory against a baseline",
                        description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     add_model_args(p)
@@ -34,6 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="measure the models one after the other instead of interleaving their runs "
                         "(for when both do not fit in memory at once)")
+    p.add_argument("--engine", choices=ENGINES, default="hf",
+                   help="where generation is timed: transformers (hf), vLLM or llama.cpp")
+    p.add_argument("--engine-dtype", default=None,
+                   help="weight type in the engine (llamacpp: f32|f16|bf16|q8_0, default bf16; vllm: "
+                        "float32|bfloat16|float16, default bfloat16)")
     p.add_argument("--out", default="bench.json", help="JSON with every measurement; the plot goes beside it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
@@ -54,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     batch_sizes = parse_int_list(args.batch_sizes, "batch sizes")
     output_lens = parse_int_list(args.output_lens, "output lengths")
     check_settings(batch_sizes, output_lens, prompt_len=args.prompt_len, repeats=args.repeats, warmup=args.warmup,
-                   threads=args.threads)
+                   threads=args.threads, engine=args.engine, engine_dtype=args.engine_dtype)
     # Resolve (and convert GGUF) here, so a bad spec fails with one line before any child process starts.
     model, baseline = (_resolve(s, args.cache_dir) for s in (args.model, args.baseline))
     result = run_benchmark(
@@ -62,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         load_kwargs=load_options(args).kwargs(),  # every worker process loads with the command's options
         batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=args.prompt_len,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, interleave=not args.sequential,
+        engine=args.engine, engine_dtype=args.engine_dtype,
     )
     result["models"]["model"]["model"] = args.model
     if args.baseline:

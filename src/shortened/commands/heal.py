@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import MODEL_HELP, HelpFormatter, add_loading_args, add_progress_arg, load_options
+from ._common import (MODEL_HELP, HelpFormatter, add_loading_args, add_progress_arg, add_save_dtype_arg, load_options,
+                      saving_dtypes)
 
 EXAMPLES = """examples:
   shortened heal runs/p --method lora --data alpaca --out runs/p-lora
@@ -78,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="alpaca, hf:NAME, an Alpaca JSON/JSONL file, or text file/folder")
     p.add_argument("--out", required=True, help="output folder (a plain Hugging Face model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_save_dtype_arg(p)
 
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
@@ -228,7 +230,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     result = heal(args.model, args.data, args.method, out=args.out, settings=settings, teacher=args.teacher,
                   checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
-                  keep_checkpoints=args.keep_checkpoints, load=load_options(args), progress=not args.no_progress)
+                  keep_checkpoints=args.keep_checkpoints, load=load_options(args), progress=not args.no_progress,
+                  save_dtype=saving_dtypes(args)[0])
     h = result.record["healing"]
     before = f"{h['val_loss_before']:.4f}" if h["val_loss_before"] is not None else "n/a"
     best = f"{h['best_val_loss']:.4f}" if h["best_val_loss"] is not None else "n/a"

@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from ..errors import ShortenedError
-from ._common import HelpFormatter, add_model_args, load_options, parse_int_list
+from ._common import HelpFormatter, add_model_args, add_save_dtype_arg, load_options, parse_int_list, saving_dtypes
 
 EXAMPLES = """examples:
   shortened prune smollm2-135m --blocks 20,21,22 --out runs/p
@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--scores", help="choose from a scores JSON file written by 'shortened score'")
     p.add_argument("--out", required=True, help="output folder (a plain Hugging Face model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_save_dtype_arg(p)
     sel = p.add_argument_group("selection (with --criterion or --scores)")
     count = sel.add_mutually_exclusive_group()
     count.add_argument("--num-blocks", type=int, default=None, help="number of blocks to remove")
@@ -94,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..choose import choose
     from ..data import check_source
     from ..io import compose_pruning, pruning_record, read_pruning_record, save_model
-    from ..loading import load_for_scoring, local_config
+    from ..loading import dtype_name, load_for_scoring, local_config
     from ..scores_files import read_scores_file
     from ..selection import check_request
     from ..surgery import check_config, remove_blocks, validate_indices
@@ -116,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         check_request(declared, args.criterion, **selection_request(args))
     if config is not None:
         check_config(config, blocks)  # a removal the config cannot express is refused before the load
+    dtype, source_dtype = saving_dtypes(args)
     model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
     spec = get_arch(model)
     n = num_blocks(model, spec)
@@ -138,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
     kept = remove_blocks(model, blocks, spec)  # with --offload disk: the (empty) module tree; saved from disk
     record = pruning_record(args.model, n, kept, model_type=model.config.model_type, selection=selection)
     record = compose_pruning(read_pruning_record(args.model, args.cache_dir), record)
-    save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, kept=kept)
+    record["source_dtype"] = dtype_name(source_dtype)
+    save_model(model, tokenizer, args.out, record, overwrite=args.overwrite, kept=kept, dtype=dtype)
     how = f" by {selection['criterion']} ({selection['method']})" if selection else ""
     removed_now = sorted(set(range(n)) - set(kept))
     original = (f" (of the original {record['original_num_blocks']}: {record['removed_blocks']} removed)"

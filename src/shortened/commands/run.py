@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import HelpFormatter, add_data_dir_arg, add_model_args, add_progress_arg, load_options, parse_int_list
+from ._common import (HelpFormatter, add_data_dir_arg, add_model_args, add_progress_arg, add_save_dtype_arg, load_options,
+                      parse_int_list)
 
 EXAMPLES = """examples:
   shortened run smollm2-135m --ratio 0.2 --out runs/demo          # offline: calibration sampled from the model
@@ -20,6 +21,7 @@ EXAMPLES = """examples:
       --heal-steps 50 --data-dir ../shared/data --eval-limit 200 --out runs/paper
   shortened run meta-llama/Llama-2-7b-hf --criterion taylor --ratio 0.35 --calib bookcorpus \\
       --heal lora --data-dir data/ --bench 1,8,32 --out runs/llama-35 --push-to-hub me/llama-2-5.5b
+  shortened run smollm2-135m --ratio 0.2 --gguf --gguf-outtype q8_0 --out runs/q8   # + a GGUF for llama.cpp
 
 recipes (--recipe; --criterion, --heal and --protect-first override its parts):
 {recipes}
@@ -31,6 +33,7 @@ hellaswag, winogrande, arc_easy, arc_challenge, openbookqa) in one list; the def
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..export import OUTTYPES
     from ..recipes import DEFAULT_RECIPE, RECIPES
 
     recipes = "\n".join(f"  {r.name:<6} {r.summary}: --criterion {r.criterion} --heal {r.heal}"
@@ -92,6 +95,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--bench", default="1,8", help="batch sizes to benchmark, or 'none'")
     b.add_argument("--bench-output-lens", default="128", help="generated tokens per benchmark run")
     b.add_argument("--bench-repeats", type=int, default=3, help="timed runs per point")
+    g = p.add_argument_group("export")
+    add_save_dtype_arg(g)
+    g.add_argument("--gguf", action="store_true",
+                   help="also write the final model as OUT/model-OUTTYPE.gguf for llama.cpp and Ollama (needs "
+                        "llama.cpp: 'make llamacpp' or $SHORTENED_LLAMA_CPP); the card names it and its SHA-256")
+    g.add_argument("--gguf-outtype", default=None, choices=OUTTYPES, help="weight type in the GGUF file (default f32)")
     o = p.add_argument_group("control")
     o.add_argument("--force", action="store_true", help="re-run every stage even if it finished earlier")
     add_progress_arg(o)
@@ -131,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             raise ShortenedError(f"--{given[0].replace('_', '-')} sets the healing, and --heal none turns it off")
     if args.bench_repeats < 1:
         raise ShortenedError("--bench-repeats must be at least 1")
+    if args.gguf_outtype and not args.gguf:
+        raise ShortenedError("--gguf-outtype sets the GGUF export, which --gguf turns on")
     config = RunConfig(
         model=args.model, out=Path(args.out), recipe=recipe.name, criterion=args.criterion,
         ratio=ratio, num_blocks=args.num_blocks,
@@ -146,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         bench_output_lens=parse_int_list(args.bench_output_lens, "output lengths"),
         bench_repeats=args.bench_repeats,
         load=load_options(args).kwargs(), progress=not args.no_progress,
-        force=args.force, push_to_hub=args.push_to_hub, command_line=getattr(args, "command_line", None),
+        force=args.force, push_to_hub=args.push_to_hub, gguf=(args.gguf_outtype or "f32") if args.gguf else None,
+        save_dtype=args.save_dtype, command_line=getattr(args, "command_line", None),
     )
     out = run_pipeline(config)
     if args.push_to_hub:

@@ -25,6 +25,10 @@ from ..errors import ShortenedError
 SERVER = Path("build") / "bin" / "llama-server"
 
 
+#: Written by ``make llamacpp`` into the llama.cpp tree: the source package it was built from.
+SOURCE_FILE = "shortened-source.txt"
+
+
 def find_server(llama_cpp: str | os.PathLike | None = None) -> Path:
     """The ``llama-server`` binary of the llama.cpp tree (a one-line error when it was not built)."""
     from ..export import find_llama_cpp
@@ -102,6 +106,89 @@ class LlamaServer:
     def greedy(self, ids: Sequence[int], n: int) -> list[int]:
         """``n`` greedy tokens after ``ids``."""
         return [int(t) for t in self.completion(ids, n_predict=n)["tokens"]]
+
+
+class LlamaCppRunner:
+    """Times generation of a saved model folder in llama.cpp, for :func:`shortened.bench.run_benchmark`: the
+    folder is exported to a temporary GGUF (``outtype``), served by ``llama-server`` with one slot per
+    sequence of the largest batch, and a batch is that many concurrent requests, decoded together by the
+    server's own continuous batching. Peak memory is the server process's peak RSS."""
+
+    engine = "llamacpp"
+
+    def __init__(self, folder: str | os.PathLike, *, outtype: str = "bf16", threads: int | None = None,
+                 max_batch: int = 1, prompt_len: int = 32, max_tokens: int = 160, seed: int = 0,
+                 llama_cpp: str | os.PathLike | None = None) -> None:
+        import tempfile
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..bench import random_prompt
+        from ..export import export_gguf
+
+        self._work = tempfile.TemporaryDirectory(prefix="shortened-bench-")
+        try:
+            self.export = export_gguf(folder, Path(self._work.name) / "model.gguf", outtype=outtype,
+                                      llama_cpp=llama_cpp)
+            vocab = vocab_size_of(Path(folder))
+            self.prompts = random_prompt(vocab, max_batch, prompt_len, seed).tolist()
+            # llama-server splits its context evenly over the slots.
+            self.server = LlamaServer(self.export["file"], llama_cpp=llama_cpp, threads=threads, parallel=max_batch,
+                                      ctx=max_batch * (max_tokens + 16)).__enter__()
+        except BaseException:
+            self._work.cleanup()
+            raise
+        self._pool = ThreadPoolExecutor(max_batch)
+        self._batch = 1
+        self._rss: Any = None
+        self.info = {"engine": self.engine, "engine_version": server_version(self.server.binary),
+                     "engine_dtype": outtype}
+
+    def start_point(self, batch_size: int, output_len: int, warmup: int) -> None:
+        from ..bench import PeakRSS
+
+        self._batch = batch_size
+        for _ in range(warmup):
+            self.time(1)
+            self.time(output_len)
+        assert self.server.process is not None
+        self._rss = PeakRSS(pid=self.server.process.pid).__enter__()
+
+    def time(self, new_tokens: int) -> float:
+        """Seconds for ``batch`` concurrent requests of ``new_tokens`` greedy tokens each (EOS ignored)."""
+        start = time.perf_counter()
+        replies = list(self._pool.map(lambda ids: self.server.completion(ids, n_predict=new_tokens),
+                                      self.prompts[: self._batch]))
+        seconds = time.perf_counter() - start
+        made = {len(r.get("tokens") or []) for r in replies}
+        if made != {new_tokens}:
+            raise ShortenedError(f"llama-server generated {sorted(made)} tokens where {new_tokens} were asked")
+        return seconds
+
+    def end_point(self) -> tuple[float, str]:
+        self._rss.__exit__(None, None, None)
+        return self._rss.peak / 2**20, "server_peak_rss"
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self.server.__exit__(None, None, None)
+        self._work.cleanup()
+
+
+def server_version(binary: Path) -> str:
+    """llama.cpp's build number and commit, as ``llama-server --version`` prints them; a server built from a
+    source package (no git: it prints build 0) is named by the package ``make llamacpp`` recorded beside it."""
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("version:")]
+    version = lines[0].removeprefix("version:").strip() if lines else "unknown"
+    source = binary.resolve().parents[2] / SOURCE_FILE  # TREE/build/bin/llama-server
+    if source.is_file() and ("build 0" in version or version == "unknown"):
+        return f"{source.read_text().strip()} (llama-server {version})"
+    return version
+
+
+def vocab_size_of(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    return int((config.get("text_config") or config)["vocab_size"])
 
 
 def probability_difference(model: Any, server: LlamaServer, prompts: Sequence[Sequence[int]], *,

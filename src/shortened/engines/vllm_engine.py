@@ -53,3 +53,86 @@ def vllm_generate(model: str | os.PathLike, prompts: Sequence[Sequence[int]], ma
             lines = [line for line in (out.stderr or out.stdout).strip().splitlines() if line.strip()]
             raise ShortenedError(f"vLLM could not serve {model}: {lines[-1] if lines else 'no output'}")
         return json.loads(result.read_text())
+
+
+class VllmRunner:
+    """Times generation of a saved model folder in vLLM, for :func:`shortened.bench.run_benchmark`: a worker in
+    vLLM's environment loads it once (engine in-process, so the worker's peak RSS is the engine's, KV cache
+    reservation included) and runs each timed batch as one ``LLM.generate`` call, batched by vLLM's scheduler."""
+
+    engine = "vllm"
+
+    def __init__(self, folder: str | os.PathLike, *, dtype: str = "bfloat16", threads: int | None = None,
+                 max_batch: int = 1, prompt_len: int = 32, max_tokens: int = 160, seed: int = 0,
+                 python: str | os.PathLike | None = None, timeout_s: float = 900.0) -> None:
+        from ..bench import random_prompt
+        from .llamacpp import vocab_size_of
+
+        interpreter = find_vllm_python(python)
+        self._work = tempfile.TemporaryDirectory(prefix="shortened-vllm-")
+        request = Path(self._work.name) / "request.json"
+        prompts = random_prompt(vocab_size_of(Path(folder)), max_batch, prompt_len, seed).tolist()
+        request.write_text(json.dumps({"model": str(folder), "prompts": prompts, "dtype": dtype,
+                                       "max_model_len": max_tokens + 16}))
+        env = dict(os.environ, VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu"),
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0")  # the engine in the worker: one process to measure
+        if threads:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+        self._log = open(Path(self._work.name) / "log.txt", "w+")
+        self.process = subprocess.Popen([str(interpreter), str(WORKER), "--serve", str(request)], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        self._timeout_s, self._batch, self._rss = timeout_s, 1, None
+        try:
+            self.info = {"engine": self.engine, "engine_version": self._reply()["vllm"], "engine_dtype": dtype}
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self) -> dict[str, Any]:
+        from .vllm_worker import REPLY
+
+        assert self.process.stdout is not None
+        for line in self.process.stdout:  # vLLM's own log lines pass by
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self.process.wait()
+        self._log.seek(0)
+        lines = [line for line in self._log.read().splitlines() if line.strip()]
+        raise ShortenedError(f"vLLM's worker stopped (exit {self.process.returncode}): "
+                             f"{lines[-1] if lines else 'no output'}")
+
+    def start_point(self, batch_size: int, output_len: int, warmup: int) -> None:
+        from ..bench import PeakRSS
+
+        self._batch = batch_size
+        for _ in range(warmup):
+            self.time(1)
+            self.time(output_len)
+        self._rss = PeakRSS(pid=self.process.pid).__enter__()
+
+    def time(self, new_tokens: int) -> float:
+        """Seconds (measured in the worker) for one batch of ``new_tokens`` greedy tokens per prompt."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"batch": self._batch, "max_tokens": new_tokens}) + "\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        if set(reply["lengths"]) != {new_tokens}:
+            raise ShortenedError(f"vLLM generated {sorted(set(reply['lengths']))} tokens where {new_tokens} were asked")
+        return float(reply["seconds"])
+
+    def end_point(self) -> tuple[float, str]:
+        self._rss.__exit__(None, None, None)
+        return self._rss.peak / 2**20, "worker_peak_rss"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.write(json.dumps({"stop": True}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        self._work.cleanup()

@@ -179,6 +179,22 @@ class HealResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_distributed(kind: Any) -> None:
+    """Refuse the multi-process modes whose processes hold shards of the model (FSDP, DeepSpeed ZeRO,
+    Megatron): the best step, checkpoints and the saved model are taken from whole weights, so a shard would
+    be saved as the model. DDP (``accelerate launch --multi_gpu``; on CPUs over gloo) is what is tested. On
+    CPUs accelerate runs FSDP as DDP (every process a whole model); say so rather than let it pass unseen."""
+    from accelerate.utils import DistributedType
+
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ShortenedError(f"healing under accelerate's {kind.value} is not supported: its processes hold shards "
+                             "of the model, and the best step and the saved model are taken from whole weights; "
+                             "launch with DDP (accelerate launch --multi_gpu), where every process holds the model")
+    if kind == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        log.warning("accelerate runs FSDP on GPUs only: these CPU processes train as DDP, each holding the whole "
+                    "model")
+
+
 def heal(
     model: str | os.PathLike | nn.Module,
     data: str | os.PathLike | HealingData,
@@ -197,6 +213,7 @@ def heal(
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     progress: bool = True,
     load: LoadOptions | None = None,
+    save_dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> HealResult:
     """Heal ``model`` (a pruned folder, any model spec, or a loaded model) on ``data``.
@@ -212,7 +229,8 @@ def heal(
     ``load`` is how the model and the teacher are loaded (its dtype replaces the settings'; accelerate
     places the model, so its device map is not used and a device other than ``cpu`` is accelerate's).
     A model given as a module is trained in place (pass a copy to keep the original); a teacher loaded
-    here takes the model's dtype.
+    here takes the model's dtype. ``save_dtype`` is the dtype of the weights saved at ``out`` (None: as
+    trained); the returned model is then in that dtype too.
     """
     from accelerate import Accelerator
 
@@ -235,6 +253,7 @@ def heal(
     # bf16 is the loop's own autocast (TrainConfig.autocast), so accelerate's per-process precision stays as configured
     accelerator = Accelerator(mixed_precision=None if base.mixed_precision == "bf16" else base.mixed_precision,
                               cpu=load.device == "cpu")
+    check_distributed(accelerator.distributed_type)
     device = str(accelerator.device)
     single = [m.name for m in chain if m.one_process]
     if single and accelerator.num_processes > 1:
@@ -363,7 +382,7 @@ def heal(
             final = prepared.finalize(trained)
             final.config.use_cache = use_cache
             # save_model writes a complete folder; stage it inside and move its files up beside adapter/.
-            staged = save_model(final, tokenizer, tmp / ".model", record)
+            staged = save_model(final, tokenizer, tmp / ".model", record, dtype=save_dtype)
             for item in staged.iterdir():
                 os.replace(item, tmp / item.name)
             staged.rmdir()
@@ -463,5 +482,5 @@ def _pad_id(tokenizer: Any, model: nn.Module) -> int:
     return 0
 
 
-__all__ = ["HealMethod", "HealResult", "HealSettings", "HealingData", "describe_methods", "get_method", "heal",
+__all__ = ["HealMethod", "check_distributed", "HealResult", "HealSettings", "HealingData", "describe_methods", "get_method", "heal",
            "load_healing_data", "methods", "parse_chain"]
