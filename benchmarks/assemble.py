@@ -19,6 +19,7 @@ ORDER = [  # (section file, script that writes it)
     ("verify.md", "benchmarks/bench_verify.py --section benchmarks/results/verify.md"),
     ("gguf.md", "benchmarks/bench_gguf.py --demo runs/demo --section benchmarks/results/gguf.md"),
     ("engines.md", "benchmarks/bench_engines.py"),
+    ("scale.md", "benchmarks/bench_scale.py --section benchmarks/results/scale.md"),
 ]
 
 HEADER = """# Benchmarks

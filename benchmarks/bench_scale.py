@@ -4,7 +4,7 @@ cost of each stage measured as models grow (issue 31).
 Each shape's config is written by this script and its weights generated tensor by tensor straight into
 sharded bf16 safetensors (no download, never a whole model in memory). Each stage is the CLI command a
 user runs, in its own process; per stage: wall time, CPU time (user + system, the process and the children
-it waited for), peak RSS (the largest single process), and bytes read from / written to disk by the stage's
+it waited for), peak RSS (the largest VmHWM of the process and its children, polled), and bytes read from / written to disk by the stage's
 main process (the page cache is dropped before each stage where this machine allows it, so the reads are
 cold). Forward-only stages get a bound: their FLOPs over the fp32 GEMM rate measured in the same run.
 
@@ -17,6 +17,7 @@ Stages a shape does not fit on this machine (24 GB RAM, 2 cores) are skipped wit
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -26,14 +27,17 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
+
+from shortened.plan import GIB, Machine, Request, Shape, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-GIB = 2**30
 
 #: name -> (model_type, config fields): the published configs' shapes (rope scaling and other fields that do
 #: not change the cost are left out).
@@ -54,6 +58,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 N_SAMPLES, SEQ_LEN = 10, 128       # calibration: the paper's sizes
 EVAL_CHUNKS = 8                    # perplexity: the first 8 chunks of 128 tokens
 HEAL_STEPS = 3
+HEAL_EXAMPLES = 64                 # examples read for healing (5% of them validated)
 
 
 def write_model(name: str, folder: Path, shard_bytes: int = 2 * GIB) -> dict[str, Any]:
@@ -125,6 +130,61 @@ def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def _vm_hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def disk_read_rate(folder: Path) -> float | None:
+    """Bytes/s of a cold sequential read of ``folder``'s safetensors files; None where the cache cannot be dropped."""
+    if not drop_caches():
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    start = time.perf_counter()
+    total = 0
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while chunk := f.read(64 * 2**20):
+                total += len(chunk)
+    return total / (time.perf_counter() - start)
+
+
+def disk_write_rate(folder: Path, size: int = GIB) -> float:
+    """Bytes/s of a sequential write of ``size`` bytes into ``folder``, synced to the disk."""
+    path = folder / "write-test.bin"
+    block = os.urandom(64 * 2**20)
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        os.fsync(f.fileno())
+    rate = size / (time.perf_counter() - start)
+    path.unlink()
+    return rate
+
+
+def request(remove: int, criterion: str) -> Request:
+    """The plan's request for the stages as this script runs them."""
+    return Request(criterion=criterion, n_samples=N_SAMPLES, seq_len=SEQ_LEN, remove=remove, offload="disk",
+                   heal="reconstruct", heal_steps=HEAL_STEPS, heal_batch=1, heal_seq_len=SEQ_LEN,
+                   heal_examples=HEAL_EXAMPLES, eval_chunks=EVAL_CHUNKS, eval_seq_len=SEQ_LEN, eval_batch=8,
+                   bench_batch=1, bench_tokens=16)
+
+
 def drop_caches() -> bool:
     try:
         subprocess.run(["sync"], check=True)
@@ -138,6 +198,9 @@ def measure(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run ``cmd``; its wall and CPU time, peak RSS and disk bytes (see the module docstring)."""
     cold = drop_caches()
     io: dict[str, int] = {}
+    # Peak RSS is each process's VmHWM (per address space, reset at exec), polled: the rusage of a child
+    # counts the RSS of this (large) process at the fork that started it.
+    hwm: dict[int, int] = {}
     with open(log, "a") as out:
         out.write(f"\n$ {shlex.join(cmd)}\n")
         out.flush()
@@ -145,7 +208,7 @@ def measure(cmd: list[str], log: Path) -> dict[str, Any]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         done = threading.Event()
 
-        def poll() -> None:  # /proc/PID/io vanishes with the process: keep the last reading
+        def poll() -> None:  # /proc/PID/* vanish with the process: keep the last readings
             while not done.is_set():
                 try:
                     for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines():
@@ -153,7 +216,9 @@ def measure(cmd: list[str], log: Path) -> dict[str, Any]:
                         io[key] = int(value)
                 except (OSError, ValueError):
                     pass
-                done.wait(0.2)
+                for pid in [proc.pid, *_descendants(proc.pid)]:
+                    hwm[pid] = max(hwm.get(pid, 0), _vm_hwm(pid))
+                done.wait(0.1)
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
@@ -163,18 +228,9 @@ def measure(cmd: list[str], log: Path) -> dict[str, Any]:
         watcher.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     return {"command": shlex.join(cmd), "rc": proc.returncode, "wall_s": wall,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss * 1024 / GIB,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": max(hwm.values(), default=0) / GIB,
             "read_gib": io.get("read_bytes", 0) / GIB, "written_gib": io.get("write_bytes", 0) / GIB,
             "cold_cache": cold}
-
-
-def block_params(folder: Path) -> tuple[int, int, int]:
-    """(parameters of one block, of the embedding, of the head) from the config."""
-    config = json.loads((folder / "config.json").read_text())
-    h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    d = config.get("head_dim") or h // config["num_attention_heads"]
-    attn = h * d * (config["num_attention_heads"] * 2 + config["num_key_value_heads"] * 2)
-    return attn + 3 * h * f, v * h, v * h
 
 
 def main() -> int:
@@ -186,7 +242,13 @@ def main() -> int:
     ap.add_argument("--ram-gib", type=float, default=None, help="memory a stage may use (default: this machine's)")
     ap.add_argument("--section", type=Path, help="write the BENCHMARKS.md section here")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    ap.add_argument("--merge", action="store_true", help="keep the other shapes' rows of --json (measured by an "
+                    "earlier run) and replace those of the shapes measured now")
+    ap.add_argument("--render", action="store_true", help="measure nothing: write the section and plot from "
+                    "--json, the plan's estimates recomputed with the current cost model")
     args = ap.parse_args()
+    if args.render:
+        return render(args)
 
     exe = str(Path(sys.executable).with_name("shortened"))
     ram = args.ram_gib or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
@@ -195,9 +257,18 @@ def main() -> int:
     if calib is None:  # text written here: the benchmark measures cost, not quality
         calib = args.work / "text.txt"
         calib.write_text(" ".join(f"word{i % 997} and the {i % 31} of it." for i in range(60000)))
+    # perplexity reads one UTF-8 file: the calibration text's, decoded as calibration decodes it
+    from shortened.data import read_text
+
+    text = args.work / "eval.txt"
+    text.write_text(read_text(calib if calib.is_file() else sorted(calib.glob("*.txt"))[0]), encoding="utf-8")
     rate = gemm_rate()
-    print(f"fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s", flush=True)
+    write = disk_write_rate(args.work)
+    print(f"fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s, disk write {write / 2**20:.0f} MiB/s", flush=True)
     log = args.work / "log.txt"
+    started = measure([exe, "score", "--help"], log)  # imports (torch, transformers): in every stage
+    startup = started["wall_s"]
+    print(f"process start {startup:.1f} s, {started['peak_rss_gib']:.2f} GiB", flush=True)
     results: list[dict[str, Any]] = []
     try:
         for name in args.shapes.split(","):
@@ -206,56 +277,67 @@ def main() -> int:
             info = write_model(name, model)
             print(f"{name}: {info['params'] / 1e9:.2f}B parameters, {info['bytes'] / GIB:.1f} GiB bf16 "
                   f"({time.perf_counter() - start:.0f} s to write)", flush=True)
-            per_block, embed, head = block_params(model)
-            layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-            remove = round(0.2 * layers)
-            fp32_gib = 4 * info["params"] / GIB
+            disk = disk_read_rate(model)
+            if disk:
+                print(f"cold read {disk / 2**20:.0f} MiB/s", flush=True)
+            shape = Shape.from_config(AutoConfig.from_pretrained(str(model)))
+            remove = round(0.2 * shape.num_blocks)
+            machine = Machine(device="cpu", gemm_flops=rate, read_bytes_s=disk or 2e9, write_bytes_s=write or 1e9,
+                              memory_bytes=ram * GIB)
             pruned, healed = args.work / f"{name}-pruned", args.work / f"{name}-healed"
             scores = args.work / f"{name}-bi.json"
-            tokens = N_SAMPLES * SEQ_LEN
-            stages: list[tuple[str, list[str], float | None, float | None]] = [
-                # (stage, command, forward FLOPs or None, memory it needs in GiB where it loads the whole model)
+            stages: list[tuple[str, list[str], str, Request]] = [
+                # (stage, command, the plan's stage, the plan's request)
                 ("score bi (--offload disk)", [exe, "score", str(model), "--criterion", "bi", "--offload", "disk",
                                                "--calib", str(calib), "--n-samples", str(N_SAMPLES), "--seq-len",
                                                str(SEQ_LEN), "--no-progress", "--out", str(scores), "--overwrite"],
-                 2 * per_block * layers * tokens, None),
+                 "score", request(remove, "bi")),
                 ("prune (--offload disk)", [exe, "prune", str(model), "--scores", str(scores), "--num-blocks",
                                             str(remove), "--offload", "disk", "--out", str(pruned), "--overwrite"],
-                 None, None),
+                 "prune", request(remove, "bi")),
             ]
             if info["params"] < 2e9:
                 stages.insert(1, ("score ppl (--offload disk)",
                                   [exe, "score", str(model), "--criterion", "ppl", "--offload", "disk", "--calib",
                                    str(calib), "--n-samples", str(N_SAMPLES), "--seq-len", str(SEQ_LEN),
                                    "--no-progress", "--out", str(args.work / f"{name}-ppl.json"), "--overwrite"],
-                                  None, None))
-            pruned_fp32 = 4 * (info["params"] - remove * per_block) / GIB
+                                  "score", request(remove, "ppl")))
             stages += [
                 ("heal reconstruct", [exe, "heal", str(pruned), "--method", "reconstruct", "--data", str(calib),
                                       "--steps", str(HEAL_STEPS), "--batch-size", "1", "--grad-accum", "1",
-                                      "--seq-len", str(SEQ_LEN), "--device", "cpu", "--no-progress", "--out",
-                                      str(healed), "--overwrite"], None, pruned_fp32 + fp32_gib),
-                ("eval perplexity", [exe, "eval", str(pruned), "--ppl", str(calib), "--tasks", "none", "--limit",
+                                      "--max-examples", str(HEAL_EXAMPLES), "--seq-len", str(SEQ_LEN), "--device",
+                                      "cpu", "--no-progress", "--out", str(healed), "--overwrite"],
+                 "heal reconstruct", request(remove, "bi")),
+                ("eval perplexity", [exe, "eval", str(pruned), "--ppl", str(text), "--tasks", "none", "--limit",
                                      str(EVAL_CHUNKS), "--seq-len", str(SEQ_LEN), "--no-progress", "--out",
                                      str(args.work / f"{name}-eval.json"), "--overwrite"],
-                 2 * (per_block * (layers - remove) + head) * EVAL_CHUNKS * SEQ_LEN, pruned_fp32),
+                 "eval perplexity", request(remove, "bi")),
                 ("bench (b1, 16 tokens)", [exe, "bench", str(pruned), "--baseline", str(model), "--batch-sizes", "1",
-                                           "--output-lens", "16", "--repeats", "1", "--sequential", "--overwrite", "--out",
-                                           str(args.work / f"{name}-bench.json")], None, fp32_gib),
+                                           "--output-lens", "16", "--repeats", "1", "--sequential", "--overwrite",
+                                           "--out", str(args.work / f"{name}-bench.json")],
+                 "bench", request(remove, "bi")),
             ]
-            for stage, cmd, flops, needs in stages:
-                row: dict[str, Any] = {"shape": name, "params": info["params"], "stage": stage}
-                if needs is not None and needs > 0.85 * ram:
-                    row.update(skipped=f"needs ~{needs:.0f} GiB in float32, this machine has {ram:.0f}")
+            for stage, cmd, planned, req in stages:
+                estimate = next(e for e in plan(shape, machine, req) if e.stage == planned)
+                row: dict[str, Any] = {"shape": name, "params": info["params"], "stage": stage,
+                                       "plan_stage": planned, "request": asdict(req), "gemm_gflops": rate / 1e9,
+                                       "read_mib_s": machine.read_bytes_s / 2**20,
+                                       "write_mib_s": machine.write_bytes_s / 2**20, "ram_gib": ram,
+                                       "plan_memory_gib": estimate.memory_bytes / GIB,
+                                       "plan_seconds": estimate.seconds}
+                if not estimate.fits:
+                    row.update(skipped=f"the plan puts it at {estimate.memory_bytes / GIB:.0f} GiB, this machine "
+                                       f"has {ram:.0f}")
                     print(row, flush=True)
                     results.append(row)
                     continue
                 row.update(measure(cmd, log))
-                if flops is not None:
-                    row["flops"] = flops
-                    row["bound_s"] = flops / rate
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "command"},
-                      flush=True)
+                # the stage can beat neither its compute nor its disk traffic: the larger of the two
+                row["compute_s"] = estimate.flops / rate
+                row["io_s"] = row["read_gib"] * GIB / machine.read_bytes_s + row["written_gib"] * GIB / machine.write_bytes_s
+                row["bound_s"] = max(row["compute_s"], row["io_s"])
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                       if k not in ("command", "request")}, flush=True)
                 results.append(row)
                 if row["rc"] != 0:
                     print(f"  failed: see {log}", flush=True)
@@ -268,64 +350,108 @@ def main() -> int:
             for p in args.work.glob("*"):
                 if p.name != "log.txt":
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-    args.json.write_text(json.dumps({"gemm_gflops": rate / 1e9, "ram_gib": ram, "results": results}, indent=1))
-    text = section(results, rate, args)
+    if args.merge and args.json.is_file():
+        measured = {r["shape"] for r in results}
+        earlier = json.loads(args.json.read_text())
+        results = sorted([r for r in earlier["results"] if r["shape"] not in measured] + results,
+                         key=lambda r: r["params"])
+        command = f"{earlier.get('command', '')}; then {shlex.join(sys.argv[1:])}"
+    else:
+        command = shlex.join(sys.argv[1:])
+    args.json.write_text(json.dumps({"gemm_gflops": rate / 1e9, "write_mib_s": write / 2**20, "ram_gib": ram,
+                                     "startup_s": startup, "startup_rss_gib": started["peak_rss_gib"], "command": command,
+                                     "results": results}, indent=1))
+    text = section(results, rate, startup, command)
     if args.section:
-        args.section.write_text(text)
+        write_section(args.section, text)
         plot(results, args.section.with_suffix(".png"))
     print(text)
     return 0
 
 
-def section(results: list[dict[str, Any]], rate: float, args: argparse.Namespace) -> str:
+@functools.lru_cache(maxsize=None)
+def shape_of(name: str) -> Shape:
+    """The plan's counts for shape ``name`` (its config, bf16 as the script writes it)."""
+    model_type, fields = SHAPES[name]
+    return Shape.from_config(AutoConfig.for_model(model_type, **fields, dtype="bfloat16"))
+
+
+def replan(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the plan's estimate recomputed by the current cost model, for the row's rates."""
+    shape = shape_of(row["shape"])
+    machine = Machine("cpu", gemm_flops=row["gemm_gflops"] * 1e9, read_bytes_s=row["read_mib_s"] * 2**20,
+                      write_bytes_s=row["write_mib_s"] * 2**20, memory_bytes=row["ram_gib"] * GIB)
+    estimate = next(e for e in plan(shape, machine, Request(**row["request"])) if e.stage == row["plan_stage"])
+    row = {**row, "plan_memory_gib": estimate.memory_bytes / GIB, "plan_seconds": estimate.seconds}
+    if "skipped" in row:
+        row["skipped"] = f"the plan puts it at {row['plan_memory_gib']:.0f} GiB, this machine has {row['ram_gib']:.0f}"
+    return row
+
+
+def write_section(path: Path, text: str) -> None:
+    """Write the section, keeping the dated reading an earlier version of the file ends with."""
+    old = path.read_text() if path.is_file() else ""
+    reading = old[old.index("\nReading ("):] if "\nReading (" in old else ""
+    path.write_text(text + reading)
+
+
+def render(args: argparse.Namespace) -> int:
+    data = json.loads(args.json.read_text())
+    results = [replan(r) for r in data["results"]]
+    text = section(results, data["gemm_gflops"] * 1e9, data["startup_s"], data["command"])
+    if args.section:
+        write_section(args.section, text)
+        plot(results, args.section.with_suffix(".png"))
+    print(text)
+    return 0
+
+
+def section(results: list[dict[str, Any]], rate: float, startup: float, command: str) -> str:
+    ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB)
+    rates = " and ".join(sorted({f"{r['gemm_gflops']:.0f}" for r in results if "gemm_gflops" in r}))
     lines = ["## Scale: real shapes through every stage (issue 31)", "",
              f"Random bf16 weights in the published shapes, SmolLM2's tokenizer, on this machine "
-             f"({platform.machine()}, {os.cpu_count()} cores, {args.ram_gib or round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB)} GiB RAM, no GPU); "
-             f"fp32 GEMM rate measured in the run: {rate / 1e9:.0f} GFLOP/s. Calibration and evaluation text: "
-             f"{N_SAMPLES} x {SEQ_LEN} tokens; 20% of the blocks removed; healing {HEAL_STEPS} steps of 1 x "
-             f"{SEQ_LEN} tokens; perplexity on {EVAL_CHUNKS} chunks. Peak RSS: the largest single process of the "
-             "stage; read/written: the stage's main process, page cache dropped before each stage. Bound: the "
-             "stage's forward FLOPs over the GEMM rate (forward-only stages).", "",
+             f"({platform.machine()}, {os.cpu_count()} cores, {ram} GiB RAM, no GPU); fp32 GEMM rate measured in "
+             f"each run: {rates} GFLOP/s; a command's start (imports) takes {startup:.1f} s of every "
+             f"stage's wall time. Calibration: {N_SAMPLES} x {SEQ_LEN} tokens of book text; 20% of the blocks "
+             f"removed; healing {HEAL_STEPS} steps of 1 x {SEQ_LEN} tokens ({HEAL_EXAMPLES} examples read, 5% of "
+             f"them validated); perplexity on {EVAL_CHUNKS} chunks of {SEQ_LEN}. Peak RSS: the largest VmHWM "
+             "of the stage's processes, polled; read/written: the stage's main process, page cache dropped before each stage. "
+             "Bound: the stage's FLOPs over the GEMM rate, or its disk traffic over the disk's sequential rates "
+             "measured in the run, whichever is larger. Plan: what `shortened plan` estimates for the stage, "
+             "from the config and the same rates.", "",
              "| shape | parameters | stage | wall s | CPU s | peak RSS GiB | read GiB | written GiB | bound s | "
-             "wall / bound |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "wall / bound | plan: GiB, s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         head = f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['stage']} |"
+        planned = f"{r['plan_memory_gib']:.1f}, {r['plan_seconds']:.0f}"
         if "skipped" in r:
-            lines.append(f"{head} not run: {r['skipped']} | | | | | | |")
+            lines.append(f"{head} not run: {r['skipped']} | | | | | | | {planned} |")
             continue
-        bound = f"{r['bound_s']:.1f} | {r['wall_s'] / r['bound_s']:.2f}" if "bound_s" in r else " | "
+        # bench decodes one token at a time: memory traffic and loading, not FLOPs or disk, set its time
+        bound = (f"{r['bound_s']:.1f} | {r['wall_s'] / r['bound_s']:.2f}" if r.get("bound_s") and
+                 r["plan_stage"] != "bench" else " | ")
         failed = "" if r["rc"] == 0 else " (failed)"
         lines.append(f"{head} {r['wall_s']:.1f}{failed} | {r['cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | "
-                     f"{r['read_gib']:.2f} | {r['written_gib']:.2f} | {bound} |")
-    lines += ["", f"Written by `{shlex.join(['.venv/bin/python', 'benchmarks/bench_scale.py', *sys.argv[1:]])}`."]
+                     f"{r['read_gib']:.2f} | {r['written_gib']:.2f} | {bound} | {planned} |")
+    runs = "`; then `".join(f".venv/bin/python benchmarks/bench_scale.py {c.strip()}" for c in command.split("; then "))
+    lines += ["", f"Written by `{runs}`; "
+              "raw figures in `benchmarks/results/scale.json`, plot `scale.png`."]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from shortened.plots import plot_two_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    lines = []
     for stage in dict.fromkeys(r["stage"] for r in results):
         rows = sorted((r for r in results if r["stage"] == stage and "wall_s" in r and r["rc"] == 0),
                       key=lambda r: r["params"])
-        if not rows:
-            continue
-        x = [r["params"] / 1e9 for r in rows]
-        ax_t.plot(x, [r["wall_s"] for r in rows], "-o", label=stage)
-        ax_m.plot(x, [r["peak_rss_gib"] for r in rows], "-o", label=stage)
-    for ax, label in ((ax_t, "wall time (s)"), (ax_m, "peak RSS (GiB)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters (billions)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle("Cost of each stage against model size (2 CPU cores)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        if rows:
+            lines.append((stage, "-o", [r["params"] / 1e9 for r in rows], [r["wall_s"] for r in rows],
+                          [r["peak_rss_gib"] for r in rows]))
+    plot_two_panels(lines, path, xlabel="parameters (billions)", ylabels=("wall time (s)", "peak RSS (GiB)"),
+                    title="Cost of each stage against model size (2 CPU cores)")
 
 
 if __name__ == "__main__":

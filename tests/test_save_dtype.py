@@ -82,14 +82,23 @@ def test_a_float32_source_stays_float32(tmp_path):
     _check_kept_blocks_bitwise(source, out, [2], torch.float32)
 
 
-def test_save_model_casts_weights_but_not_rope_frequencies(tmp_path):
+def test_save_model_in_bf16_keeps_the_model_computing_in_float32(tmp_path):
+    """The saved weights are bf16; the model in memory stays float32 with exactly those values (so the reload
+    check runs in float32), and RoPE frequencies, which from_pretrained computes in float32, are untouched."""
+    from shortened.io import cast_weights
+
     model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     inv_freq = model.model.rotary_emb.inv_freq.clone()
     save_model(model, None, tmp_path / "m", dtype=torch.bfloat16)  # verified against a reload: equal logits
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
-    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    saved = _tensors(tmp_path / "m")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k].to(torch.bfloat16).float()), k
+        assert torch.equal(saved[k].float(), v) or k == "lm_head.weight", k  # the tied head is saved once
     assert torch.equal(model.model.rotary_emb.inv_freq, inv_freq)
-    assert {t.dtype for t in _tensors(tmp_path / "m").values()} == {torch.bfloat16}
+    cast_weights(model, torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
 def test_healing_a_bf16_model_saves_bf16(tmp_path, smollm2_tokenizer):

@@ -589,26 +589,14 @@ def _num(value: float | None, fmt: str) -> str:
 
 def plot_bench(result: dict[str, Any], path: str) -> None:
     """Throughput and peak memory against batch size, one line per model and output length."""
-    import matplotlib
+    from .plots import plot_two_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    lines = []
     for role, r in result["models"].items():
         for out_len in sorted({p["output_len"] for p in r["points"]}):
             pts = sorted((p for p in r["points"] if p["output_len"] == out_len), key=lambda p: p["batch_size"])
-            label = f"{role} ({r['num_blocks']} blocks), {out_len} tokens"
-            style = "-o" if role == "model" else "--s"
-            ax_t.plot([p["batch_size"] for p in pts], [p["throughput_tok_s"] for p in pts], style, label=label)
-            ax_m.plot([p["batch_size"] for p in pts], [p["peak_memory_mb"] for p in pts], style, label=label)
-    for ax, ylabel in ((ax_t, "generated tokens / s"), (ax_m, "peak memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle("Generation throughput and memory")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            lines.append((f"{role} ({r['num_blocks']} blocks), {out_len} tokens", "-o" if role == "model" else "--s",
+                          [p["batch_size"] for p in pts], [p["throughput_tok_s"] for p in pts],
+                          [p["peak_memory_mb"] for p in pts]))
+    plot_two_panels(lines, path, xlabel="batch size", ylabels=("generated tokens / s", "peak memory (MiB)"),
+                    title="Generation throughput and memory", log_base=2)

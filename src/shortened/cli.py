@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .errors import ShortenedError
 
 #: Command modules, in the order ``--help`` lists them.
-COMMANDS = ("info", "score", "prune", "eval", "heal", "bench", "generate", "export", "run")
+COMMANDS = ("info", "plan", "score", "prune", "eval", "heal", "bench", "generate", "export", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -384,8 +384,9 @@ def save_model(
     ShortenedError and nothing is left at ``out``. What was checked is recorded as ``verification``.
 
     ``dtype`` is the dtype of the saved weights (e.g. the source checkpoint's, :func:`shortened.loading.save_dtype`);
-    a model in memory in another dtype is converted in place first, so that what is verified is what is saved.
-    None saves the weights as they are. The record notes the saved dtype as ``weights_dtype``.
+    None saves them as they are. A model computing in another dtype keeps it, its weights rounded in place to
+    the values saved, so that what is verified (in the model's own dtype) is what was saved. The record notes
+    the saved dtype as ``weights_dtype``.
     """
     from .offload import disk_blocks, save_from_disk
 
@@ -407,13 +408,18 @@ def save_model(
                                  "from the indices remove_blocks returned for this model")
     if on_disk and kept is None:
         raise ShortenedError("a model with its blocks on disk is saved with its pruning record (kept_blocks)")
-    if dtype is not None and not on_disk:
-        cast_weights(model, dtype)
+    computed = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     with atomic_output_dir(out, overwrite) as tmp:
         if on_disk:
             save_from_disk(model, list(kept), tmp, dtype=dtype)  # type: ignore[arg-type]
+        elif dtype is not None and dtype != computed:
+            cast_weights(model, dtype)
+            try:
+                model.save_pretrained(tmp)  # transformers 5 always writes safetensors
+            finally:  # back, exactly: every value is now one the saved dtype holds
+                cast_weights(model, computed)
         else:
-            model.save_pretrained(tmp)  # transformers 5 always writes safetensors
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if verify:

@@ -1,4 +1,5 @@
-"""Plots of block scores and of the block-set search (matplotlib, Agg backend: no display needed)."""
+"""Plots of block scores, of the block-set search and two-panel line charts (matplotlib, Agg backend: no display
+needed)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,31 @@ def plot_search(search: dict[str, Any], path: str | os.PathLike, *, title: str =
             ax.set_title(title)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_two_panels(lines: Sequence[tuple[str, str, Sequence[float], Sequence[float], Sequence[float]]],
+                    path: str | os.PathLike, *, xlabel: str, ylabels: tuple[str, str], title: str,
+                    log_base: float = 10) -> Path:
+    """Two panels side by side over the same x values (log scale): one line per (label, style, x, left y,
+    right y)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for label, style, x, left, right in lines:
+            axes[0].plot(x, left, style, label=label)
+            axes[1].plot(x, right, style, label=label)
+        for ax, ylabel in zip(axes, ylabels):
+            ax.set_xscale("log", base=log_base)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
     return Path(path)

@@ -9,6 +9,7 @@ the calibration settings and the selection.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from ..errors import ShortenedError
@@ -118,7 +119,12 @@ def _run(args: argparse.Namespace) -> int:
     if config is not None:
         check_config(config, blocks)  # a removal the config cannot express is refused before the load
     dtype, source_dtype = saving_dtypes(args)
-    model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
+    loading = load_options(args)
+    if args.criterion is None and args.dtype == "auto" and dtype is not None:
+        # --blocks / --scores compute nothing: load in the dtype that is saved (half the memory of float32
+        # for a bf16 model, and no conversion on the way out)
+        loading = dataclasses.replace(loading, dtype=dtype_name(dtype))
+    model, tokenizer = load_for_scoring(args.model, loading, offload=args.offload)
     spec = get_arch(model)
     n = num_blocks(model, spec)
     selection: dict[str, Any] | None = None

@@ -44,6 +44,10 @@ class Criterion:
     micro_batch: int | None = None
     #: Whether the scores read the logits through the model's head (then a discovered head is checked first).
     uses_head: bool = False
+    #: What scoring computes, for ``shortened plan``: "forward" (one pass through the blocks), "each_removal"
+    #: (every block's removal run on to the head), "gradient" (forward and backward), "weights" (no data),
+    #: "search" (set by its generations).
+    cost: str = "forward"
 
     def options(self) -> dict[str, Any]:
         """The criterion's options and their defaults."""

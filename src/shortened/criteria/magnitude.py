@@ -30,5 +30,5 @@ def score(engine: Engine, norm: str = "l1") -> tuple[list[float], dict[str, Any]
 
 from . import Criterion  # noqa: E402
 
-CRITERION = Criterion("magnitude", score, needs_data=False, protect=(4, 2),
+CRITERION = Criterion("magnitude", score, cost="weights", needs_data=False, protect=(4, 2),
                       description="sum of |w| (or L2 norm) of the block's parameters")

@@ -18,5 +18,5 @@ def score(engine: Engine) -> tuple[list[float], dict[str, Any]]:
 
 from . import Criterion  # noqa: E402  (the registry imports this module)
 
-CRITERION = Criterion("ppl", score, needs_data=True, uses_head=True, protect=(0, 0),
+CRITERION = Criterion("ppl", score, cost="each_removal", needs_data=True, uses_head=True, protect=(0, 0),
                       description="perplexity of the calibration set with the block removed")

@@ -18,5 +18,5 @@ def score(engine: Engine, seed: int = 1234) -> tuple[list[float], dict[str, Any]
 
 from . import Criterion  # noqa: E402
 
-CRITERION = Criterion("random", score, needs_data=False, protect=(0, 0),
+CRITERION = Criterion("random", score, cost="weights", needs_data=False, protect=(0, 0),
                       description="seeded random scores (baseline)")

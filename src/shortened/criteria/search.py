@@ -88,5 +88,5 @@ def starting_selections(engine: Engine, k: int, protect_first: int, protect_last
 
 from . import Criterion  # noqa: E402
 
-CRITERION = Criterion("search", score, needs_data=True, uses_head=True, protect=(0, 0), micro_batch=1,
+CRITERION = Criterion("search", score, cost="search", needs_data=True, uses_head=True, protect=(0, 0), micro_batch=1,
                       description="evolutionary search for the set of blocks (KL to the dense model)")

@@ -86,5 +86,5 @@ def score(engine: Engine) -> tuple[list[float], dict[str, Any]]:
 
 from . import Criterion  # noqa: E402
 
-CRITERION = Criterion("taylor", score, needs_data=True, uses_head=True, protect=(4, 2),
+CRITERION = Criterion("taylor", score, cost="gradient", needs_data=True, uses_head=True, protect=(4, 2),
                       description="sum of |w * dL/dw| over the block's parameters (first-order Taylor)")

@@ -230,7 +230,7 @@ def heal(
     places the model, so its device map is not used and a device other than ``cpu`` is accelerate's).
     A model given as a module is trained in place (pass a copy to keep the original); a teacher loaded
     here takes the model's dtype. ``save_dtype`` is the dtype of the weights saved at ``out`` (None: as
-    trained); the returned model is then in that dtype too.
+    trained); the returned model keeps its dtype, its weights rounded to the saved values.
     """
     from accelerate import Accelerator
 
