@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from shortened.plan import GIB, Machine, Request, Shape, plan
+from shortened.plan import GIB, Estimate, Machine, Request, Shape, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -280,10 +280,9 @@ def main() -> int:
             disk = disk_read_rate(model)
             if disk:
                 print(f"cold read {disk / 2**20:.0f} MiB/s", flush=True)
-            shape = Shape.from_config(AutoConfig.from_pretrained(str(model)))
-            remove = round(0.2 * shape.num_blocks)
-            machine = Machine(device="cpu", gemm_flops=rate, read_bytes_s=disk or 2e9, write_bytes_s=write or 1e9,
-                              memory_bytes=ram * GIB)
+            remove = round(0.2 * shape_of(name).num_blocks)
+            rates = {"gemm_gflops": rate / 1e9, "read_mib_s": (disk or 2e9) / 2**20, "write_mib_s": write / 2**20,
+                     "ram_gib": ram}
             pruned, healed = args.work / f"{name}-pruned", args.work / f"{name}-healed"
             scores = args.work / f"{name}-bi.json"
             stages: list[tuple[str, list[str], str, Request]] = [
@@ -318,23 +317,20 @@ def main() -> int:
                  "bench", request(remove, "bi")),
             ]
             for stage, cmd, planned, req in stages:
-                estimate = next(e for e in plan(shape, machine, req) if e.stage == planned)
                 row: dict[str, Any] = {"shape": name, "params": info["params"], "stage": stage,
-                                       "plan_stage": planned, "request": asdict(req), "gemm_gflops": rate / 1e9,
-                                       "read_mib_s": machine.read_bytes_s / 2**20,
-                                       "write_mib_s": machine.write_bytes_s / 2**20, "ram_gib": ram,
-                                       "plan_memory_gib": estimate.memory_bytes / GIB,
-                                       "plan_seconds": estimate.seconds}
+                                       "plan_stage": planned, "request": asdict(req), **rates}
+                estimate = estimate_for(row)
+                row.update(plan_memory_gib=estimate.memory_bytes / GIB, plan_seconds=estimate.seconds)
                 if not estimate.fits:
-                    row.update(skipped=f"the plan puts it at {estimate.memory_bytes / GIB:.0f} GiB, this machine "
-                                       f"has {ram:.0f}")
+                    row["skipped"] = skip_reason(row)
                     print(row, flush=True)
                     results.append(row)
                     continue
                 row.update(measure(cmd, log))
                 # the stage can beat neither its compute nor its disk traffic: the larger of the two
                 row["compute_s"] = estimate.flops / rate
-                row["io_s"] = row["read_gib"] * GIB / machine.read_bytes_s + row["written_gib"] * GIB / machine.write_bytes_s
+                row["io_s"] = (row["read_gib"] * GIB / (row["read_mib_s"] * 2**20)
+                               + row["written_gib"] * GIB / (row["write_mib_s"] * 2**20))
                 row["bound_s"] = max(row["compute_s"], row["io_s"])
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                        if k not in ("command", "request")}, flush=True)
@@ -376,15 +372,24 @@ def shape_of(name: str) -> Shape:
     return Shape.from_config(AutoConfig.for_model(model_type, **fields, dtype="bfloat16"))
 
 
-def replan(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with the plan's estimate recomputed by the current cost model, for the row's rates."""
-    shape = shape_of(row["shape"])
+def estimate_for(row: dict[str, Any]) -> Estimate:
+    """The plan's estimate of a row's stage, for its shape, request and the rates measured with it."""
     machine = Machine("cpu", gemm_flops=row["gemm_gflops"] * 1e9, read_bytes_s=row["read_mib_s"] * 2**20,
                       write_bytes_s=row["write_mib_s"] * 2**20, memory_bytes=row["ram_gib"] * GIB)
-    estimate = next(e for e in plan(shape, machine, Request(**row["request"])) if e.stage == row["plan_stage"])
+    return next(e for e in plan(shape_of(row["shape"]), machine, Request(**row["request"]))
+                if e.stage == row["plan_stage"])
+
+
+def skip_reason(row: dict[str, Any]) -> str:
+    return f"the plan puts it at {row['plan_memory_gib']:.0f} GiB, this machine has {row['ram_gib']:.0f}"
+
+
+def replan(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the plan's estimate recomputed by the current cost model, for the row's rates."""
+    estimate = estimate_for(row)
     row = {**row, "plan_memory_gib": estimate.memory_bytes / GIB, "plan_seconds": estimate.seconds}
     if "skipped" in row:
-        row["skipped"] = f"the plan puts it at {row['plan_memory_gib']:.0f} GiB, this machine has {row['ram_gib']:.0f}"
+        row["skipped"] = skip_reason(row)
     return row
 
 

@@ -58,6 +58,14 @@ def test_bad_engine_requests_are_refused_before_any_work(dense_and_pruned, tmp_p
     assert not Path(out).exists()
 
 
+def _require(find, what: str) -> None:
+    """Skip, saying why, where the engine ``find`` looks for is not installed."""
+    try:
+        find()
+    except ShortenedError as exc:
+        pytest.skip(f"{what}: {exc}")
+
+
 def _check(result: dict, ratio: float, engine: str, memory_kind: str) -> None:
     assert result["settings"]["engine"] == engine
     assert [result["models"][r]["num_blocks"] for r in ("model", "baseline")] == [2, 4]
@@ -80,10 +88,7 @@ def _check(result: dict, ratio: float, engine: str, memory_kind: str) -> None:
 def test_llamacpp_engine_times_both_models_interleaved(dense_and_pruned, tmp_path):
     from shortened.engines.llamacpp import find_server
 
-    try:
-        find_server()
-    except ShortenedError as exc:
-        pytest.skip(f"llama.cpp's server not built: {exc}")
+    _require(find_server, "llama.cpp's server not built")
     dense, pruned, ratio = dense_and_pruned
     out = tmp_path / "llamacpp.json"
     assert main(["bench", str(pruned), "--baseline", str(dense), "--engine", "llamacpp", "--engine-dtype", "f32",
@@ -98,10 +103,7 @@ def test_llamacpp_engine_times_both_models_interleaved(dense_and_pruned, tmp_pat
 def test_vllm_engine_times_both_models_interleaved(dense_and_pruned, tmp_path):
     from shortened.engines.vllm_engine import find_vllm_python
 
-    try:
-        find_vllm_python()
-    except ShortenedError as exc:
-        pytest.skip(f"vLLM not installed: {exc}")
+    _require(find_vllm_python, "vLLM not installed")
     dense, pruned, ratio = dense_and_pruned
     result = run_benchmark(str(pruned), str(dense), engine="vllm", engine_dtype="float32", batch_sizes=[1, 2],
                            output_lens=[4], prompt_len=8, repeats=2)

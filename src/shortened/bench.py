@@ -490,8 +490,9 @@ def run_benchmark(
     context_len = int(prompt_len + max(output_lens) / 2)
     schedule = dict(batch_sizes=batch_sizes, output_lens=output_lens, prompt_len=prompt_len, warmup=warmup,
                     repeats=repeats, progress=progress)
-    runner_cls = _ProcessRunner if isolate else _LocalRunner
-    if engine != "hf":
+    if engine == "hf":
+        runner_cls: Any = _ProcessRunner if isolate else _LocalRunner
+    else:
         specs = {role: str(_local_folder(spec, engine, load_kwargs)) for role, spec in specs.items()}
 
         def runner_cls(spec: str, *_: Any) -> Any:

@@ -79,7 +79,7 @@ def layer_metadata(config: dict[str, Any]) -> dict[str, list[bool]]:
 
 
 def check_gguf_export(config: dict[str, Any] | None, outtype: str = "f32",
-               llama_cpp: str | os.PathLike | None = None) -> Path:
+                      llama_cpp: str | os.PathLike | None = None) -> Path:
     """Refuse, in a second and before any conversion, what :func:`export_gguf` cannot do for a model with this
     config (a dict; None when it is not known yet: the architecture is then checked at the export): an unknown
     outtype, no llama.cpp, an architecture its converter does not take. Returns the llama.cpp tree."""

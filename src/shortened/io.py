@@ -431,8 +431,7 @@ def save_model(
         if record is not None:
             from .loading import dtype_name
 
-            saved = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-            record = dict(record, weights_dtype=dtype_name(saved))
+            record = dict(record, weights_dtype=dtype_name(dtype or computed))
             write_json(tmp / RECORD_FILE, record)
     return Path(out)
 

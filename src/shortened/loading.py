@@ -119,12 +119,13 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def save_dtype(requested: str, spec: str | os.PathLike, options: LoadOptions | None = None) -> torch.dtype | None:
-    """The dtype a pruned or healed model of ``spec`` is saved in: ``requested`` (one of :data:`SAVE_DTYPES`),
-    ``source`` being the checkpoint's own (None, i.e. as computed, where that is unknown)."""
+def save_dtype(requested: str, source: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a pruned or healed model is saved in: ``requested`` (one of :data:`SAVE_DTYPES`), ``source``
+    meaning the source checkpoint's (``source``, from :func:`checkpoint_dtype`; None, i.e. as computed, where
+    that is unknown)."""
     if requested not in SAVE_DTYPES:
         raise ShortenedError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got '{requested}'")
-    return checkpoint_dtype(spec, options) if requested == "source" else _DTYPES[requested]
+    return source if requested == "source" else _DTYPES[requested]
 
 
 def resolve_alias(name: str) -> Path:

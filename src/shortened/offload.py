@@ -257,12 +257,15 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def save_from_disk(model: nn.Module, kept: list[int], folder: Path, *, shard_bytes: int = 2**30,
+#: The largest shard the disk-offloaded save holds before writing it.
+SHARD_BYTES = 2**30
+
+
+def save_from_disk(model: nn.Module, kept: list[int], folder: Path, *, shard_bytes: int = SHARD_BYTES,
                    dtype: torch.dtype | None = None) -> None:
     """Write the weights and config of ``model`` (pruned, its blocks on disk) into ``folder``, one block at a
     time: new block ``i`` is read from the checkpoint's block ``kept[i]``; floating tensors in ``dtype`` when
-    given (else as loaded). Memory: one block and one shard (1 GiB: the writer holds a shard until it is
-    written)."""
+    given (else as loaded). Memory: one block and one shard (the writer holds a shard until it is written)."""
     store = disk_blocks(model)
     if store is None:
         raise ShortenedError("save_from_disk needs a model loaded with its blocks on disk")
@@ -300,4 +303,4 @@ def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 __all__ = ["BlockHome", "DiskBlocks", "MemoryHome", "disk_blocks", "index_checkpoint", "load_blocks_on_disk",
-           "save_from_disk"]
+           "save_from_disk", "SHARD_BYTES"]

@@ -271,11 +271,18 @@ class Pipeline:
         return read_json(folder / "selection.json")
 
     @functools.cached_property
+    def source_dtype(self) -> torch.dtype | None:
+        """The dtype the source checkpoint is stored in (None where its config does not say)."""
+        from .loading import LoadOptions, checkpoint_dtype
+
+        return checkpoint_dtype(self.c.model, LoadOptions(**self.c.load))
+
+    @property
     def save_dtype(self) -> torch.dtype | None:
         """The dtype the pruned and healed models are saved in (None: as computed)."""
-        from .loading import LoadOptions, save_dtype
+        from .loading import save_dtype
 
-        return save_dtype(self.c.save_dtype, self.c.model, LoadOptions(**self.c.load))
+        return save_dtype(self.c.save_dtype, self.source_dtype)
 
     def pruned(self) -> Path:
         selection = self.selection()
@@ -283,7 +290,7 @@ class Pipeline:
 
         def work(tmp: Path) -> None:
             from .io import pruning_record, save_model
-            from .loading import LoadOptions, checkpoint_dtype, dtype_name, load_model
+            from .loading import dtype_name, load_model
             from .surgery import remove_blocks
 
             # A fresh copy: the dense model stays intact for evaluation and as the teacher.
@@ -291,7 +298,7 @@ class Pipeline:
             n = len(selection["scores"]["scores"])
             kept = remove_blocks(model, selection["removed"])
             record = pruning_record(self.c.model, n, kept, model_type=model.config.model_type, selection=selection)
-            record["source_dtype"] = dtype_name(checkpoint_dtype(self.c.model, LoadOptions(**self.c.load)))
+            record["source_dtype"] = dtype_name(self.source_dtype)
             save_model(model, tokenizer, tmp / "model", record, dtype=self.save_dtype)
             for item in (tmp / "model").iterdir():
                 os.replace(item, tmp / item.name)

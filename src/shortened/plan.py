@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from .engine.workers import DEFAULT_BATCH_TOKENS
 from .errors import ShortenedError
+from .offload import SHARD_BYTES
 
 GIB = 2**30
 #: Resident memory of a shortened process besides what the cost model counts: Python, torch, transformers,
@@ -40,10 +42,6 @@ SERIALIZE_BYTES_S = 1.0e9
 SAVE_OVERHEAD_S = 3.0
 #: Bytes/s at which ``from_pretrained`` converts a bf16 checkpoint to float32 weights.
 CONVERT_BYTES_S = 0.8e9
-#: Tokens the scoring engine sends through a block in one call (shortened.engine.DEFAULT_BATCH_TOKENS).
-BATCH_TOKENS = 16384
-#: Shards the disk-offloaded save holds before writing (shortened.offload.save_from_disk).
-SHARD_BYTES = 1 * GIB
 
 
 @dataclass(frozen=True)
@@ -243,8 +241,8 @@ def plan(shape: Shape, machine: Machine, request: Request) -> list[Estimate]:
     capture_f = min(block_f, 2.0 * shape.block_params * tokens)
     activations = (shape.num_blocks + 2) * tokens * shape.hidden * c  # every block's input is cached
     streams = shape.num_blocks if head_f else 1  # the removals' streams go through a block together
-    activations += min(BATCH_TOKENS, tokens * streams) * shape.intermediate * c * 2
-    logits = 0  # the head runs in 1024-token, 1024-word slices
+    activations += min(DEFAULT_BATCH_TOKENS, tokens * streams) * shape.intermediate * c * 2  # one block call
+    # (the head's loss runs in small token x vocabulary slices: nothing to count)
     # converted one tensor at a time: the largest (the embedding) is briefly held twice
     transient = shape.vocab * shape.hidden * s if converts else 0
     if request.offload == "disk":  # plus the block being run, read in the checkpoint's dtype and converted
@@ -254,8 +252,8 @@ def plan(shape: Shape, machine: Machine, request: Request) -> list[Estimate]:
     read = shape.params * s
     seconds = (STARTUP_S + read / machine.read_bytes_s + capture_f / (rate * CAPTURE_EFFICIENCY)
                + (block_f - capture_f + head_f) / rate)
-    out.append(Estimate("score", BASE_BYTES + weights + activations + logits, seconds, block_f + head_f, read,
-                        parts={"weights": weights, "activations": activations + logits}))
+    out.append(Estimate("score", BASE_BYTES + weights + activations, seconds, block_f + head_f, read,
+                        parts={"weights": weights, "activations": activations}))
 
     # prune (blocks chosen: nothing is computed; loaded and saved in the checkpoint's dtype)
     written = kept * s

@@ -3,8 +3,9 @@ needed)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,10 @@ from typing import Any
 def plot_scores(scores: Sequence[float | None], path: str | os.PathLike, *, title: str = "",
                 ylabel: str = "score", highlight: Sequence[int] = ()) -> Path:
     """Write a bar chart of one score per block to ``path`` (PNG); ``highlight`` bars are drawn red."""
-    plt = _pyplot()
     marked = set(highlight)
     xs = list(range(len(scores)))
     ys = [float("nan") if s is None else s for s in scores]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(xs) + 2), 3.5))
-    try:
+    with _figure(path, figsize=(max(6.0, 0.25 * len(xs) + 2), 3.5)) as (_, ax):
         ax.bar(xs, ys, color=["tab:red" if i in marked else "tab:blue" for i in xs])
         ax.set_xlabel("block")
         ax.set_ylabel(ylabel)
@@ -27,21 +26,15 @@ def plot_scores(scores: Sequence[float | None], path: str | os.PathLike, *, titl
         finite = [y for y in ys if y == y]
         if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
             ax.set_yscale("log")  # ppl of removing the first block dwarfs the rest
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
     return Path(path)
 
 
 def plot_search(search: dict[str, Any], path: str | os.PathLike, *, title: str = "") -> Path:
     """Write the search's fitness over generations to ``path`` (PNG): the parent's fitness (a step line),
     each generation's best child on the full calibration set (dots), and the starting selections."""
-    plt = _pyplot()
     history = search["history"]
     gens = [h["generation"] for h in history]
-    fig, ax = plt.subplots(figsize=(7.0, 3.5))
-    try:
+    with _figure(path, figsize=(7.0, 3.5)) as (_, ax):
         ax.plot(gens[1:], [h["candidate"] for h in history[1:]], ".", color="tab:gray", label="best child")
         ax.step(gens, [h["fitness"] for h in history], where="post", color="tab:blue", label="parent")
         for name, start in search["starts"].items():
@@ -55,10 +48,6 @@ def plot_search(search: dict[str, Any], path: str | os.PathLike, *, title: str =
         ax.legend(loc="upper right", fontsize=8)
         if title:
             ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
     return Path(path)
 
 
@@ -67,9 +56,7 @@ def plot_two_panels(lines: Sequence[tuple[str, str, Sequence[float], Sequence[fl
                     log_base: float = 10) -> Path:
     """Two panels side by side over the same x values (log scale): one line per (label, style, x, left y,
     right y)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    try:
+    with _figure(path, 1, 2, figsize=(10, 4), dpi=120) as (fig, axes):
         for label, style, x, left, right in lines:
             axes[0].plot(x, left, style, label=label)
             axes[1].plot(x, right, style, label=label)
@@ -80,11 +67,20 @@ def plot_two_panels(lines: Sequence[tuple[str, str, Sequence[float], Sequence[fl
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.suptitle(title)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _figure(path: str | os.PathLike, *grid: int, figsize: tuple[float, float], dpi: int = 100) -> Iterator[Any]:
+    """``(figure, axes)`` to draw on; laid out and written to ``path`` when the block ends, closed always."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(*grid, figsize=figsize)
+    try:
+        yield fig, axes
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
-    return Path(path)
 
 
 def _pyplot() -> Any:

@@ -48,7 +48,8 @@ def saving_dtypes(args: argparse.Namespace) -> tuple[Any, Any]:
     """(dtype to save in or None, the source checkpoint's dtype or None) from ``--save-dtype`` and MODEL."""
     from ..loading import checkpoint_dtype, save_dtype
 
-    return save_dtype(args.save_dtype, args.model, load_options(args)), checkpoint_dtype(args.model, load_options(args))
+    source = checkpoint_dtype(args.model, load_options(args))
+    return save_dtype(args.save_dtype, source), source
 
 
 def load_options(args: argparse.Namespace) -> Any:

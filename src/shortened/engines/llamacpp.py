@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShortenedError
+from . import EngineRunner, vocab_size_of
 
 SERVER = Path("build") / "bin" / "llama-server"
 
@@ -108,13 +109,13 @@ class LlamaServer:
         return [int(t) for t in self.completion(ids, n_predict=n)["tokens"]]
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(EngineRunner):
     """Times generation of a saved model folder in llama.cpp, for :func:`shortened.bench.run_benchmark`: the
     folder is exported to a temporary GGUF (``outtype``), served by ``llama-server`` with one slot per
     sequence of the largest batch, and a batch is that many concurrent requests, decoded together by the
     server's own continuous batching. Peak memory is the server process's peak RSS."""
 
-    engine = "llamacpp"
+    engine, memory_kind = "llamacpp", "server_peak_rss"
 
     def __init__(self, folder: str | os.PathLike, *, outtype: str = "bf16", threads: int | None = None,
                  max_batch: int = 1, prompt_len: int = 32, max_tokens: int = 160, seed: int = 0,
@@ -138,20 +139,13 @@ class LlamaCppRunner:
             self._work.cleanup()
             raise
         self._pool = ThreadPoolExecutor(max_batch)
-        self._batch = 1
-        self._rss: Any = None
         self.info = {"engine": self.engine, "engine_version": server_version(self.server.binary),
                      "engine_dtype": outtype}
 
-    def start_point(self, batch_size: int, output_len: int, warmup: int) -> None:
-        from ..bench import PeakRSS
-
-        self._batch = batch_size
-        for _ in range(warmup):
-            self.time(1)
-            self.time(output_len)
+    @property
+    def pid(self) -> int:
         assert self.server.process is not None
-        self._rss = PeakRSS(pid=self.server.process.pid).__enter__()
+        return self.server.process.pid
 
     def time(self, new_tokens: int) -> float:
         """Seconds for ``batch`` concurrent requests of ``new_tokens`` greedy tokens each (EOS ignored)."""
@@ -163,10 +157,6 @@ class LlamaCppRunner:
         if made != {new_tokens}:
             raise ShortenedError(f"llama-server generated {sorted(made)} tokens where {new_tokens} were asked")
         return seconds
-
-    def end_point(self) -> tuple[float, str]:
-        self._rss.__exit__(None, None, None)
-        return self._rss.peak / 2**20, "server_peak_rss"
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -184,11 +174,6 @@ def server_version(binary: Path) -> str:
     if source.is_file() and ("build 0" in version or version == "unknown"):
         return f"{source.read_text().strip()} (llama-server {version})"
     return version
-
-
-def vocab_size_of(folder: Path) -> int:
-    config = json.loads((folder / "config.json").read_text())
-    return int((config.get("text_config") or config)["vocab_size"])
 
 
 def probability_difference(model: Any, server: LlamaServer, prompts: Sequence[Sequence[int]], *,

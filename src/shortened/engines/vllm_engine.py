@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShortenedError
+from . import EngineRunner, vocab_size_of
 
 VLLM_ENV = "SHORTENED_VLLM_PYTHON"
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -55,18 +56,17 @@ def vllm_generate(model: str | os.PathLike, prompts: Sequence[Sequence[int]], ma
         return json.loads(result.read_text())
 
 
-class VllmRunner:
+class VllmRunner(EngineRunner):
     """Times generation of a saved model folder in vLLM, for :func:`shortened.bench.run_benchmark`: a worker in
     vLLM's environment loads it once (engine in-process, so the worker's peak RSS is the engine's, KV cache
     reservation included) and runs each timed batch as one ``LLM.generate`` call, batched by vLLM's scheduler."""
 
-    engine = "vllm"
+    engine, memory_kind = "vllm", "worker_peak_rss"
 
     def __init__(self, folder: str | os.PathLike, *, dtype: str = "bfloat16", threads: int | None = None,
                  max_batch: int = 1, prompt_len: int = 32, max_tokens: int = 160, seed: int = 0,
-                 python: str | os.PathLike | None = None, timeout_s: float = 900.0) -> None:
+                 python: str | os.PathLike | None = None) -> None:
         from ..bench import random_prompt
-        from .llamacpp import vocab_size_of
 
         interpreter = find_vllm_python(python)
         self._work = tempfile.TemporaryDirectory(prefix="shortened-vllm-")
@@ -81,7 +81,6 @@ class VllmRunner:
         self._log = open(Path(self._work.name) / "log.txt", "w+")
         self.process = subprocess.Popen([str(interpreter), str(WORKER), "--serve", str(request)], text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
-        self._timeout_s, self._batch, self._rss = timeout_s, 1, None
         try:
             self.info = {"engine": self.engine, "engine_version": self._reply()["vllm"], "engine_dtype": dtype}
         except BaseException:
@@ -101,14 +100,9 @@ class VllmRunner:
         raise ShortenedError(f"vLLM's worker stopped (exit {self.process.returncode}): "
                              f"{lines[-1] if lines else 'no output'}")
 
-    def start_point(self, batch_size: int, output_len: int, warmup: int) -> None:
-        from ..bench import PeakRSS
-
-        self._batch = batch_size
-        for _ in range(warmup):
-            self.time(1)
-            self.time(output_len)
-        self._rss = PeakRSS(pid=self.process.pid).__enter__()
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def time(self, new_tokens: int) -> float:
         """Seconds (measured in the worker) for one batch of ``new_tokens`` greedy tokens per prompt."""
@@ -119,10 +113,6 @@ class VllmRunner:
         if set(reply["lengths"]) != {new_tokens}:
             raise ShortenedError(f"vLLM generated {sorted(set(reply['lengths']))} tokens where {new_tokens} were asked")
         return float(reply["seconds"])
-
-    def end_point(self) -> tuple[float, str]:
-        self._rss.__exit__(None, None, None)
-        return self._rss.peak / 2**20, "worker_peak_rss"
 
     def close(self) -> None:
         if self.process.poll() is None:

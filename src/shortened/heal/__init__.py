@@ -482,5 +482,5 @@ def _pad_id(tokenizer: Any, model: nn.Module) -> int:
     return 0
 
 
-__all__ = ["HealMethod", "check_distributed", "HealResult", "HealSettings", "HealingData", "describe_methods", "get_method", "heal",
-           "load_healing_data", "methods", "parse_chain"]
+__all__ = ["HealMethod", "HealResult", "HealSettings", "HealingData", "check_distributed", "describe_methods",
+           "get_method", "heal", "load_healing_data", "methods", "parse_chain"]
