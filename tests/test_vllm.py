@@ -9,20 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shortened.errors import ShortenedError
-
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    from shortened.engines.vllm_engine import find_vllm_python
-
-    try:
-        return find_vllm_python()
-    except ShortenedError as exc:
-        pytest.skip(f"vLLM not installed: {exc}")
 
 
 def greedy_until_near_tie(model, ids: list[int]) -> list[int]:

@@ -6,7 +6,7 @@ import pytest
 
 from eval_data import hand_items, score_by_hand, tiny_llama_for_tokenizer
 from shortened.errors import ShortenedError
-from shortened.evaluation import zeroshot
+from shortened.evaluation import harness
 from shortened.evaluation.sources import TASKS, task_records
 from shortened.evaluation.zeroshot import PAPER_METRICS, build_task, make_lm, run_task, run_tasks
 
@@ -148,7 +148,7 @@ def test_hub_unreachable_names_local_files(monkeypatch):
         def load(self, names):
             raise ConnectionError("Couldn't reach 'aps/super_glue' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(zeroshot, "task_manager", lambda: Offline())
+    monkeypatch.setattr(harness, "task_manager", lambda: Offline())
     with pytest.raises(ShortenedError, match=r"task 'boolq'.*Hub.*--data-dir.*boolq/val.jsonl"):
         build_task("boolq", None)
 
@@ -169,3 +169,12 @@ def test_no_progress_hides_the_harness_bars_too(tiny, tokenizer, data_dir, capfd
     assert "it/s" not in capfd.readouterr().err
     run_tasks(tiny, tokenizer, ["piqa"], data_dir=data_dir, limit=2, progress=True)
     assert "it/s" in capfd.readouterr().err  # the check above can see a bar
+
+
+def test_bos_is_put_before_prompts_even_where_the_tokenizer_adds_none(tiny, tokenizer):
+    """--bos: HFLM encodes with add_special_tokens=True, which SmolLM2's tokenizer ignores; a copy set to add
+    BOS is used (as lm-eval's vLLM backend loads its own), and the caller's tokenizer is left as it was."""
+    plain = make_lm(tiny, tokenizer).tok_encode("Hello world")
+    with_bos = make_lm(tiny, tokenizer, add_bos_token=True).tok_encode("Hello world")
+    assert with_bos == [tokenizer.bos_token_id, *plain]
+    assert tokenizer.encode("Hello world", add_special_tokens=True) == plain

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -493,7 +492,10 @@ def run_benchmark(
     if engine == "hf":
         runner_cls: Any = _ProcessRunner if isolate else _LocalRunner
     else:
-        specs = {role: str(_local_folder(spec, engine, load_kwargs)) for role, spec in specs.items()}
+        from .engines import served_folder
+
+        specs = {role: str(served_folder(spec, f"--engine {engine}", load_kwargs.get("cache_dir")))
+                 for role, spec in specs.items()}
 
         def runner_cls(spec: str, *_: Any) -> Any:
             runner = _engine_runner(engine, spec, dtype=engine_dtype, threads=threads, gen_kwargs=gen_kwargs,
@@ -529,16 +531,6 @@ def run_benchmark(
             row["fraction_of_flop_bound"] = row["throughput_ratio"] * ratio
         out.update(flop_ratio=ratio, flop_speedup_bound=1 / ratio, ratios=rows)
     return out
-
-
-def _local_folder(spec: str, engine: str, load_kwargs: dict[str, Any]) -> Path:
-    from .loading import resolve_local_folder
-
-    folder = resolve_local_folder(spec, load_kwargs.get("cache_dir"))
-    if folder is None or not folder.is_dir():
-        raise ShortenedError(f"--engine {engine} serves a saved model folder; {spec} is not one "
-                             "(save it first, or give its local folder)")
-    return folder
 
 
 def _points_from_dict(d: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,10 +164,11 @@ class LoadOptions:
 
 
 def load_for_scoring(spec: str | os.PathLike, options: LoadOptions | None = None, *,
-                     offload: str | None = None) -> tuple[nn.Module, Any]:
+                     offload: str | None = None, unloaded: Sequence[str] = ()) -> tuple[nn.Module, Any]:
     """Load a model to score its blocks. With ``offload`` ("cpu" or "disk") the model stays on the CPU, its
     blocks in memory or in its safetensors files, and ``options.device`` is where the blocks will run
-    (pass it to the scoring as ``device``); without, this is ``options.load(spec)``."""
+    (pass it to the scoring as ``device``); without, this is ``options.load(spec)``. ``unloaded``: with
+    ``offload="disk"``, the tables ("head", "embedding") that nothing will read are left in the files."""
     options = options or LoadOptions()
     if offload is None:
         return options.load(spec)
@@ -174,7 +176,9 @@ def load_for_scoring(spec: str | os.PathLike, options: LoadOptions | None = None
         raise ShortenedError(f"offload must be cpu or disk, got '{offload}'")
     if options.device_map is not None:
         raise ShortenedError("--offload and --device-map cannot be combined")
-    return options.load(spec, device="cpu", blocks_on_disk=offload == "disk")
+    if offload == "disk":
+        return options.load(spec, device="cpu", blocks_on_disk=True, unloaded=tuple(unloaded))
+    return options.load(spec, device="cpu")
 
 
 def load_model(
@@ -187,6 +191,7 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     blocks_on_disk: bool = False,
+    unloaded: Sequence[str] = (),
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from a folder, Hub id, ``.gguf`` file or alias.
 
@@ -195,14 +200,19 @@ def load_model(
     the model is moved to ``device`` (default: CUDA when available, else CPU).
 
     ``blocks_on_disk`` loads everything but the transformer blocks: their weights stay in the safetensors
-    files and the scoring engine reads one block at a time (for models larger than memory; scoring only).
+    files and the scoring engine reads one block at a time (for models larger than memory; scoring,
+    pruning and perplexity). ``unloaded`` names tables such a model leaves in the files too: "head" (nothing
+    reads the loss), "embedding" (nothing is computed).
     """
     spec = str(model)
     device = str(device) if isinstance(device, torch.device) else device
     check_device(device)
     if blocks_on_disk:
         return _load_blocks_on_disk(spec, dtype=dtype, device=device or "cpu", device_map=device_map,
-                                    cache_dir=cache_dir, trust_remote_code=trust_remote_code, revision=revision)
+                                    cache_dir=cache_dir, trust_remote_code=trust_remote_code, revision=revision,
+                                    unloaded=unloaded)
+    if unloaded:
+        raise ShortenedError("only a model with its blocks on disk leaves tables unloaded")
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
@@ -218,13 +228,13 @@ def load_model(
     if device_map is None and device is not None:
         loaded = loaded.to(device)
     loaded.eval()
-    tokenizer = _load_tokenizer(source, trust_remote_code, revision if folder is None else None)
+    tokenizer = load_tokenizer(source, trust_remote_code, revision if folder is None else None)
     return loaded, tokenizer
 
 
 def _load_blocks_on_disk(spec: str, *, dtype: str | torch.dtype, device: str, device_map: Any,
                          cache_dir: str | os.PathLike | None, trust_remote_code: bool,
-                         revision: str | None) -> tuple[nn.Module, Any]:
+                         revision: str | None, unloaded: Sequence[str] = ()) -> tuple[nn.Module, Any]:
     from .offload import load_blocks_on_disk
 
     if device_map is not None:
@@ -239,11 +249,15 @@ def _load_blocks_on_disk(spec: str, *, dtype: str | torch.dtype, device: str, de
         except Exception as exc:  # offline, no such repo, no access: one line for the user
             raise ShortenedError(f"cannot fetch model '{spec}' from the Hub: {_first_line(exc)}") from exc
     try:
+        unknown = set(unloaded) - {"head", "embedding"}
+        if unknown:
+            raise ShortenedError(f"unknown table '{sorted(unknown)[0]}' to leave unloaded (head or embedding)")
         model = load_blocks_on_disk(folder, dtype=resolve_dtype(dtype, device), device=device,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, head="head" not in unloaded,
+                                    embedding="embedding" not in unloaded)
     except (OSError, ValueError, KeyError) as exc:
         raise ShortenedError(f"cannot load model '{spec}' with its blocks on disk: {_first_line(exc)}") from exc
-    return model, _load_tokenizer(str(folder), trust_remote_code, None)
+    return model, load_tokenizer(str(folder), trust_remote_code, None)
 
 
 def resolve_local_folder(spec: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
@@ -301,7 +315,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None) -> Any:
+def load_tokenizer(source: str, trust_remote_code: bool, revision: str | None) -> Any:
+    """The tokenizer of a model folder or Hub id; None (with a warning) when it has none."""
     from transformers import AutoTokenizer
 
     folder = Path(source)

@@ -60,8 +60,13 @@ def plot_two_panels(lines: Sequence[tuple[str, str, Sequence[float], Sequence[fl
         for label, style, x, left, right in lines:
             axes[0].plot(x, left, style, label=label)
             axes[1].plot(x, right, style, label=label)
+        from matplotlib.ticker import NullFormatter
+
+        ticks = sorted({v for _, _, x, _, _ in lines for v in x})
         for ax, ylabel in zip(axes, ylabels):
             ax.set_xscale("log", base=log_base)
+            ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])  # the measured x values, as plain numbers
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)

@@ -72,6 +72,13 @@ def _run(args: argparse.Namespace) -> int:
                    threads=args.threads, engine=args.engine, engine_dtype=args.engine_dtype)
     # Resolve (and convert GGUF) here, so a bad spec fails with one line before any child process starts.
     model, baseline = (_resolve(s, args.cache_dir) for s in (args.model, args.baseline))
+    from ..loading import local_config
+    from ..plan import Request, check_memory
+
+    # the workers load one model at a time: the larger, the source, sets the peak
+    check_memory("bench", local_config(baseline or model, load_options(args)),
+                 Request(remove=0, bench_batch=max(batch_sizes), bench_tokens=max(output_lens), dtype=args.dtype),
+                 device=args.device)
     result = run_benchmark(
         model, baseline,
         load_kwargs=load_options(args).kwargs(),  # every worker process loads with the command's options

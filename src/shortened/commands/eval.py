@@ -14,8 +14,10 @@ EXAMPLES = """examples:
   shortened eval smollm2-135m --data-dir ../shared/data --out runs/dense.json
   shortened eval runs/pruned --data-dir ../shared/data --limit 50 --out runs/pruned-50.json
   shortened eval runs/pruned --ppl wikitext2,my_notes.txt --tasks none --seq-len 2048
+  shortened eval runs/llama-8b-pruned --ppl wikitext2 --tasks none --limit 40 --offload disk   (blocks read from disk)
   shortened eval google/gemma-2-2b --bos --tasks boolq,piqa       (online: Hub data)
   shortened eval runs/pruned --reference smollm2-135m --tasks none   (+ KL to the source model)
+  shortened eval runs/pruned --backend vllm --data-dir ../shared/data --limit 100   (scored by vLLM)
   shortened eval --compare runs/dense.json runs/pruned.json
 
 The paper's protocol is the default: WikiText-2 (raw v1, test) and PTB (validation) perplexity over
@@ -50,6 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--seq-len", type=int, default=128, help="perplexity chunk length (2048 is the other convention)")
     how.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     how.add_argument("--bos", action="store_true", help="put a BOS token before every chunk and prompt (Gemma needs it)")
+    how.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                     help="hf: transformers in this process; vllm: a saved model folder scored by vLLM in its own "
+                          "environment ('make vllm'), same chunks and tasks (lm-eval's vLLM backend), --dtype "
+                          "float32 (auto) or bfloat16")
+    how.add_argument("--offload", choices=("disk",), default=None,
+                     help="perplexity only: keep the blocks in the model's safetensors files and read each once per "
+                          "pass over many chunks (a model larger than memory; see 'shortened plan')")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None, help="write every metric, the settings and library versions to this JSON file")
     out.add_argument("--table", default=None, help="also write the Markdown table to this file")
@@ -75,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..errors import ShortenedError
-    from ..evaluation import check_request, compare_files, evaluate, markdown_table
-    from ..io import write_json, write_text
+    from ..evaluation import check_request, compare_files, evaluate
+    from ..io import write_text
 
     if args.compare:
         if args.model is not None:
@@ -98,17 +107,53 @@ def _run(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size)  # before the (slow) model load
     if args.reference is not None and not ppl:
         raise ShortenedError("--reference measures the KL on the perplexity sets: give --ppl")
+    if args.backend == "vllm":
+        return _report(args, _evaluate_in_vllm(args, ppl, tasks))
 
-    model, tokenizer = load_from_args(args)
+    if args.offload and tasks:
+        raise ShortenedError("--offload disk evaluates perplexity only (lm-eval holds the whole model): add "
+                             "--tasks none")
+    if args.offload and args.reference is not None:
+        raise ShortenedError("--offload disk and --reference cannot be combined (the KL holds both models)")
+    from ..loading import local_config
+    from ..plan import Request, check_memory
+    from ._common import load_options
+
+    check_memory("eval perplexity", local_config(args.model, load_options(args)),
+                 Request(remove=0, offload=args.offload, eval_chunks=args.limit or 256, eval_seq_len=args.seq_len,
+                         eval_batch=args.batch_size, dtype=args.dtype), device=args.device)
+    model, tokenizer = load_from_args(args, blocks_on_disk=args.offload == "disk")
     reference = None
     if args.reference is not None:
-        from ._common import load_options
-
         reference, _ = load_options(args).load(args.reference)
     name = args.name or args.model
     results = evaluate(model, tokenizer, ppl=ppl, tasks=tasks, data_dir=args.data_dir, seq_len=args.seq_len,
                        batch_size=args.batch_size, bos=args.bos, limit=args.limit, name=name,
                        progress=not args.no_progress, reference=reference)
+    return _report(args, results)
+
+
+def _evaluate_in_vllm(args: argparse.Namespace, ppl: list[str], tasks: list[str]) -> dict:
+    """The results of ``--backend vllm``, after refusing the options vLLM's backend cannot honour."""
+    from ..errors import ShortenedError
+    from ..evaluation.vllm_backend import evaluate_in_vllm
+
+    for flag, value in (("--reference", args.reference), ("--offload", args.offload), ("--device", args.device),
+                        ("--device-map", args.device_map), ("--revision", args.revision)):
+        if value is not None:  # each needs the model in transformers (vLLM places and loads it itself)
+            raise ShortenedError(f"--backend vllm cannot honour {flag}: drop it, or use --backend hf")
+    return evaluate_in_vllm(args.model, ppl=ppl, tasks=tasks, data_dir=args.data_dir, seq_len=args.seq_len,
+                            batch_size=args.batch_size, bos=args.bos, limit=args.limit, name=args.name or args.model,
+                            progress=not args.no_progress, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            cache_dir=args.cache_dir)
+
+
+def _report(args: argparse.Namespace, results: dict) -> int:
+    """Record where the model came from, then print the table and write the files asked for."""
+    from ..evaluation import markdown_table
+    from ..io import write_json, write_text
+
+    name = args.name or args.model
     results["source"] = args.model
     if args.reference is not None:
         results["reference"] = args.reference

@@ -80,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (a plain Hugging Face model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_save_dtype_arg(p)
+    p.add_argument("--offload", choices=("disk",), default=None,
+                   help="reconstruct only: keep the model's and the teacher's blocks in their safetensors files and "
+                        "train the bridges one after another, only theirs in memory (a model larger than memory)")
 
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
@@ -228,10 +231,21 @@ def _run(args: argparse.Namespace) -> int:
         train_on_inputs=args.train_on_inputs, max_examples=args.max_examples, max_time=args.max_time,
         mixed_precision=args.mixed_precision, dtype=args.dtype,
     )
+    from ..heal import parse_chain
+    from ..loading import local_config
+    from ..plan import Request, check_memory
+
+    config = local_config(args.model, load_options(args))
+    for method in parse_chain(args.method):  # before the model loads: one that cannot fit is told now
+        d = Request()  # a setting left to the method: the plan's default
+        check_memory(f"heal {method.name}", config,
+                     Request(remove=0, heal=method.name, heal_steps=args.steps or d.heal_steps,
+                             heal_batch=args.batch_size or d.heal_batch, heal_seq_len=args.seq_len or d.heal_seq_len,
+                             dtype=args.dtype, offload=args.offload), device=args.device)
     result = heal(args.model, args.data, args.method, out=args.out, settings=settings, teacher=args.teacher,
                   checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
                   keep_checkpoints=args.keep_checkpoints, load=load_options(args), progress=not args.no_progress,
-                  save_dtype=saving_dtypes(args)[0])
+                  save_dtype=saving_dtypes(args)[0], offload=args.offload)
     h = result.record["healing"]
     before = f"{h['val_loss_before']:.4f}" if h["val_loss_before"] is not None else "n/a"
     best = f"{h['best_val_loss']:.4f}" if h["best_val_loss"] is not None else "n/a"

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--num-blocks", type=int, default=None, help="number of blocks to remove")
     s.add_argument("--n-samples", type=int, default=d.n_samples, help="calibration samples")
     s.add_argument("--seq-len", type=int, default=d.seq_len, help="calibration sample length")
-    s.add_argument("--offload", choices=("cpu", "disk"), default=None, help="score and prune with blocks offloaded")
+    s.add_argument("--offload", choices=("cpu", "disk"), default=None, help="score, prune (cpu or disk), heal with reconstruct and evaluate perplexity (disk) with blocks offloaded")
     s.add_argument("--heal", default=d.heal, help="healing method, or none")
     s.add_argument("--heal-steps", type=int, default=d.heal_steps)
     s.add_argument("--heal-batch-size", type=int, default=d.heal_batch)

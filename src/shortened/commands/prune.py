@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..selection import check_request
     from ..surgery import check_config, remove_blocks, validate_indices
     from .score import (calibration_from_args, criterion_options, engine_options, fill_calibration_defaults,
-                        selection_request)
+                        selection_request, unread_tables)
 
     _check_combination(args)
     fill_calibration_defaults(args)
@@ -124,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
         # --blocks / --scores compute nothing: load in the dtype that is saved (half the memory of float32
         # for a bf16 model, and no conversion on the way out)
         loading = dataclasses.replace(loading, dtype=dtype_name(dtype))
-    model, tokenizer = load_for_scoring(args.model, loading, offload=args.offload)
+    model, tokenizer = load_for_scoring(args.model, loading, offload=args.offload,
+                                        unloaded=unread_tables(args.criterion))
     spec = get_arch(model)
     n = num_blocks(model, spec)
     selection: dict[str, Any] | None = None

@@ -151,6 +151,16 @@ def calibration_from_args(args: argparse.Namespace, model: Any, tokenizer: Any) 
                            seq_len=args.seq_len, seed=args.seed)
 
 
+def unread_tables(criterion: str | None) -> tuple[str, ...]:
+    """The tables a model with its blocks on disk may leave unloaded for ``criterion`` (None: the blocks are
+    given, nothing is computed)."""
+    from ..criteria import get_criterion
+
+    if criterion is None:
+        return ("head", "embedding")
+    return () if get_criterion(criterion).uses_head else ("head",)
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """--batch-size, --offload (with --device, where the blocks run) and --no-progress, for the scoring."""
     return dict(batch_size=args.batch_size, offload=bool(args.offload),
@@ -211,7 +221,8 @@ def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
     declared = config_block_count(local_config(args.model, load_options(args)))  # None: known after the load
     if args.criterion == "search" and declared is not None:
         check_request(declared, args.criterion, **request)
-    model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload)
+    model, tokenizer = load_for_scoring(args.model, load_options(args), offload=args.offload,
+                                        unloaded=unread_tables(args.criterion))
     calib = calibration_from_args(args, model, tokenizer)
     scores = score_blocks(model, calib.ids if calib else None, args.criterion, **engine_options(args), **options)
     record = scores_record(args.model, model, scores, calib.info if calib else None)

@@ -204,9 +204,9 @@ def _offloaded(model: nn.Module, spec: Any, mode: str | bool, device: Any) -> It
     home = next((p.device for p in model.parameters() if id(p) not in block_ids), torch.device("cpu"))
 
     def move_rest(to: torch.device) -> None:
-        set_submodule(model, spec.blocks, nn.ModuleList())  # detach the blocks so .to() leaves them
-        try:
-            model.to(to)
+        set_submodule(model, spec.blocks, nn.ModuleList())  # detach the blocks so the move leaves them
+        try:  # tables left unloaded (on meta) stay there; ties survive (_apply converts in place, as .to())
+            model._apply(lambda t: t if t.is_meta else t.to(to))
         finally:
             set_submodule(model, spec.blocks, blocks)
 

@@ -166,3 +166,38 @@ def block_hidden(output: Any) -> torch.Tensor:
     if isinstance(output, dict):
         return next(iter(output.values()))
     return output
+
+
+def _take(obj: Any, n: int, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of a captured argument built for a batch of ``n`` (the inverse of :func:`_expand`: tensors
+    whose first dimension is the batch are sliced, broadcast ones left alone)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[lo:hi] if obj.dim() >= 2 and obj.shape[0] == n and n > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_take(o, n, lo, hi) for o in obj)
+    if isinstance(obj, list):
+        return [_take(o, n, lo, hi) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _take(v, n, lo, hi) for k, v in obj.items()}
+    return obj
+
+
+def call_in_slices(forward: Any, args: tuple, kwargs: dict[str, Any], size: int) -> Any:
+    """``forward(*args, **kwargs)`` of a block, run on ``size`` sequences of the batch at a time and the hidden
+    states put back together (each sequence is computed on its own: the same function in less memory)."""
+    hidden, call = split_block_call(args, kwargs)
+    n = hidden.shape[0]
+    if n <= size:
+        return forward(*args, **kwargs)
+    outs = []
+    for lo in range(0, n, size):
+        part = hidden[lo:lo + size]
+        rest, kw = _take(call.args, n, lo, lo + size), _take(call.kwargs, n, lo, lo + size)
+        outs.append(forward(part, *rest, **kw) if call.hidden_key is None else forward(*rest, **{**kw, "hidden_states": part}))
+    joined = torch.cat([block_hidden(o) for o in outs], 0)
+    if isinstance(outs[0], torch.Tensor):
+        return joined
+    if isinstance(outs[0], (tuple, list)) and all(x is None for o in outs for x in o[1:]):
+        return type(outs[0])([joined, *outs[0][1:]])
+    raise ShortenedError(f"a block returned {type(outs[0]).__name__} with more than its hidden states: cannot run "
+                         "it in slices")

@@ -168,12 +168,12 @@ class HeadLoss:
         buffer = x.new_empty(n * min(step, weight.shape[0]))
         parts = []
         for v in range(0, weight.shape[0], step):
-            w = weight[v:v + step]
+            w = weight[v:v + step].to(x.dtype)  # a head kept narrower (offload.upcast_linear): this slice upcast
             out = buffer[:n * w.shape[0]].view(n, w.shape[0])
             if bias is None:
                 torch.mm(x, w.t(), out=out)
             else:
-                torch.addmm(bias[v:v + step], x, w.t(), out=out)
+                torch.addmm(bias[v:v + step].to(x.dtype), x, w.t(), out=out)
             logits = self._softcap_(out.float())
             if not shift:
                 parts.append(logits.exp_().sum(-1))
@@ -230,8 +230,8 @@ class HeadLoss:
             p_logit = torch.zeros(xn.shape[0], dtype=torch.float64, device=xn.device)
             p_bias = torch.zeros_like(p_logit)
             for v in range(0, weight.shape[0], step):
-                w = weight[v:v + step]
-                logits = (xn @ w.t() if bias is None else torch.addmm(bias[v:v + step], xn, w.t())).float()
+                w = weight[v:v + step].to(xn.dtype)
+                logits = (xn @ w.t() if bias is None else torch.addmm(bias[v:v + step].to(xn.dtype), xn, w.t())).float()
                 prob = (logits - lse[:, None]).exp_()
                 mean.addmm_(prob, w.float())
                 p_logit += (prob * logits).sum(-1).double()

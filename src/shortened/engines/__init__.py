@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+from ..errors import ShortenedError
 
 
 class EngineRunner:
@@ -43,3 +46,15 @@ def vocab_size_of(folder: Path) -> int:
     """The vocabulary size in a saved model's config (its text config for a multimodal one)."""
     config = json.loads((folder / "config.json").read_text())
     return int((config.get("text_config") or config)["vocab_size"])
+
+
+def served_folder(spec: str, flag: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local model folder an engine serves for ``spec`` (a GGUF file or alias converted once); a one-line
+    error naming ``flag`` (the option that chose the engine) for a Hub id."""
+    from ..loading import resolve_local_folder
+
+    folder = resolve_local_folder(spec, cache_dir)
+    if folder is None or not folder.is_dir():
+        raise ShortenedError(f"{flag} serves a saved model folder; {spec} is not one "
+                             "(save it first, or give its local folder)")
+    return folder

@@ -19,6 +19,7 @@ from . import EngineRunner, vocab_size_of
 
 VLLM_ENV = "SHORTENED_VLLM_PYTHON"
 WORKER = Path(__file__).with_name("vllm_worker.py")
+EVAL_WORKER = Path(__file__).with_name("vllm_eval_worker.py")  # shortened eval --backend vllm
 
 
 def find_vllm_python(path: str | os.PathLike | None = None) -> Path:
@@ -36,24 +37,32 @@ def find_vllm_python(path: str | os.PathLike | None = None) -> Path:
                          f"with ${VLLM_ENV}")
 
 
+def run_worker(script: Path, request: dict[str, Any], *, what: str, python: str | os.PathLike | None = None,
+               timeout_s: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``script`` (standard library and vLLM's environment only) in vLLM's Python as
+    ``script REQUEST.json RESULT.json`` and return the result it writes; a one-line error beginning
+    "vLLM could not {what}" with the worker's last output line when it fails."""
+    interpreter = find_vllm_python(python)
+    with tempfile.TemporaryDirectory(prefix="shortened-vllm-") as work:
+        request_file, result = Path(work) / "request.json", Path(work) / "result.json"
+        request_file.write_text(json.dumps(request))
+        env = dict(os.environ, VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu"), **(env or {}))
+        out = subprocess.run([str(interpreter), str(script), str(request_file), str(result)], capture_output=True,
+                             text=True, env=env, timeout=timeout_s)
+        if out.returncode != 0 or not result.is_file():
+            lines = [line for line in (out.stderr or out.stdout).strip().splitlines() if line.strip()]
+            raise ShortenedError(f"vLLM could not {what}: {lines[-1] if lines else 'no output'}")
+        return json.loads(result.read_text())
+
+
 def vllm_generate(model: str | os.PathLike, prompts: Sequence[Sequence[int]], max_tokens: int, *,
                   dtype: str = "float32", max_model_len: int = 1024, repeats: int = 1,
                   python: str | os.PathLike | None = None, timeout_s: float = 1800.0) -> dict[str, Any]:
     """Greedy generation of ``max_tokens`` tokens for each prompt (token ids) by vLLM serving the model folder
     ``model``: ``{"tokens": [[ids]], "seconds": [per repeat], "vllm": version}``."""
-    interpreter = find_vllm_python(python)
-    with tempfile.TemporaryDirectory(prefix="shortened-vllm-") as work:
-        request, result = Path(work) / "request.json", Path(work) / "result.json"
-        request.write_text(json.dumps({"model": str(model), "prompts": [list(map(int, p)) for p in prompts],
-                                       "max_tokens": max_tokens, "dtype": dtype, "max_model_len": max_model_len,
-                                       "repeats": repeats}))
-        env = dict(os.environ, VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu"))
-        out = subprocess.run([str(interpreter), str(WORKER), str(request), str(result)], capture_output=True,
-                             text=True, env=env, timeout=timeout_s)
-        if out.returncode != 0 or not result.is_file():
-            lines = [line for line in (out.stderr or out.stdout).strip().splitlines() if line.strip()]
-            raise ShortenedError(f"vLLM could not serve {model}: {lines[-1] if lines else 'no output'}")
-        return json.loads(result.read_text())
+    request = {"model": str(model), "prompts": [list(map(int, p)) for p in prompts], "max_tokens": max_tokens,
+               "dtype": dtype, "max_model_len": max_model_len, "repeats": repeats}
+    return run_worker(WORKER, request, what=f"serve {model}", python=python, timeout_s=timeout_s)
 
 
 class VllmRunner(EngineRunner):

@@ -107,7 +107,7 @@ def evaluate(
     every metric and wall time, ``average`` (plain mean of the paper's metric over the tasks run),
     ``settings`` and library ``versions``.
     """
-    from ..offload import check_in_memory
+    from ..offload import check_in_memory, disk_blocks
 
     ppl = [ppl] if isinstance(ppl, str) else list(ppl)  # one name, not its characters
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -115,9 +115,13 @@ def evaluate(
         raise ShortenedError("nothing to evaluate: give at least one perplexity set or task")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ShortenedError(f"limit must be a positive integer, got {limit!r}")
+    if disk_blocks(model) is not None and (tasks or reference is not None):
+        # perplexity streams the blocks (evaluation/perplexity.py); lm-eval and the KL hold the whole model
+        check_in_memory(model, "evaluating zero-shot tasks" if tasks else "the KL to --reference")
     for m, role in ((model, "the model"), (reference, "the reference")):
         if m is not None:
-            check_in_memory(m, "evaluation")
+            if m is reference:
+                check_in_memory(m, "evaluation")
             _check_vocabulary(m, tokenizer, role)
     if batch_size < 1:
         raise ShortenedError(f"batch size must be positive, got {batch_size}")
@@ -147,19 +151,38 @@ def evaluate(
         model.train(was_training)
         if tokenizer is not None and getattr(tokenizer, "pad_token", None) != pad_token:
             tokenizer.pad_token = pad_token
+    settings = evaluation_settings(ppl, tasks, data_dir=data_dir, seq_len=seq_len, batch_size=batch_size, bos=bos,
+                                   limit=limit)
+    settings["reference"] = model_summary(reference) if reference is not None else None
+    return results_record(name=name, model=model_summary(model), settings=settings, perplexities=perplexities,
+                          zeroshot=zeroshot, start=start)
+
+
+def evaluation_settings(ppl: Sequence[str], tasks: Sequence[str], *, data_dir: str | os.PathLike | None,
+                        seq_len: int, batch_size: int, bos: bool, limit: int | None) -> dict[str, Any]:
+    """The request as the results record it (the same for every backend)."""
+    return {
+        "ppl": list(ppl), "tasks": list(tasks), "data_dir": str(data_dir) if data_dir is not None else None,
+        "seq_len": seq_len, "batch_size": batch_size, "bos": bos, "limit": limit,
+        "num_fewshot": 0, "seeds": SEEDS, "reference": None,
+    }
+
+
+def results_record(*, name: str | None, model: dict[str, Any], settings: dict[str, Any],
+                   perplexities: dict[str, Any], zeroshot: dict[str, Any], start: float,
+                   backend: str = "hf") -> dict[str, Any]:
+    """The results dict of an evaluation (what ``shortened eval --out`` writes), whichever backend ran it:
+    the per-set and per-task entries, the paper's average, the wall time since ``start`` (a
+    ``time.perf_counter()`` reading) and library versions."""
     values = [zeroshot[t]["value"] for t in PAPER_METRICS if t in zeroshot]
     return {
         "format_version": 1,
         "kind": RESULTS_KIND,
         "name": name,
         "created": now_iso(),
-        "model": _model_summary(model),
-        "settings": {
-            "ppl": list(ppl), "tasks": list(tasks), "data_dir": str(data_dir) if data_dir is not None else None,
-            "seq_len": seq_len, "batch_size": batch_size, "bos": bos, "limit": limit,
-            "num_fewshot": 0, "seeds": SEEDS,
-            "reference": _model_summary(reference) if reference is not None else None,
-        },
+        "backend": backend,
+        "model": model,
+        "settings": settings,
         "perplexity": perplexities,
         "zeroshot": zeroshot,
         "average": sum(values) / len(values) if values else None,
@@ -184,7 +207,8 @@ def _with_reference(model: nn.Module, reference: nn.Module, tokenizer: Any, set_
             "n_chunks": r["n_chunks"], "n_tokens": r["n_tokens"], "seconds": r["seconds"], "settings": r["settings"]}
 
 
-def _model_summary(model: nn.Module) -> dict[str, Any]:
+def model_summary(model: nn.Module) -> dict[str, Any]:
+    """What a results file says of the evaluated model: type, path, parameters, dtype, blocks (offload)."""
     from ..archs import num_blocks
 
     config = getattr(model, "config", None)
@@ -194,6 +218,11 @@ def _model_summary(model: nn.Module) -> dict[str, Any]:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
+    from ..offload import disk_blocks
+
+    store = disk_blocks(model)
+    if store is not None:  # its tables may be held narrower; it computes in the store's dtype
+        summary.update(dtype=str(store.dtype).replace("torch.", ""), offload="disk")
     try:
         summary["num_blocks"] = num_blocks(model)
     except ShortenedError:

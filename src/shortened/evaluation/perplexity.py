@@ -25,7 +25,7 @@ from .sources import PPL_SETS, ROW_SEPARATOR, ppl_rows, read_text_file
 __all__ = ["load_ppl_text", "perplexity", "perplexity_on", "tokenize_text"]
 
 # Positions whose float64 token NLL is taken at once (256 x 49152 vocab x 8 bytes = 100 MB).
-_POSITIONS_PER_SLICE = 256
+POSITIONS_PER_SLICE = 256
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -73,20 +73,28 @@ def chunk_batches(chunks: torch.Tensor, *, bos_token_id: int | None = None, batc
 
 
 def scored_slices(length: int) -> Iterator[tuple[int, int]]:
-    """``(lo, hi)``: the predicting positions of a ``length``-token row, ``_POSITIONS_PER_SLICE`` at a time.
+    """``(lo, hi)``: the predicting positions of a ``length``-token row, ``POSITIONS_PER_SLICE`` at a time.
 
     Position t predicts token t+1; every chunk is full length, so no padding is involved and the batch
     size cannot change which tokens are scored. Scores run in float64 (an fp32 log-sum-exp over a large
     vocabulary drifts by ~1e-5 relative), one slice at a time so that the float64 copy stays small.
     """
-    for lo in range(0, length - 1, _POSITIONS_PER_SLICE):
-        yield lo, min(lo + _POSITIONS_PER_SLICE, length - 1)
+    for lo in range(0, length - 1, POSITIONS_PER_SLICE):
+        yield lo, min(lo + POSITIONS_PER_SLICE, length - 1)
 
 
 @torch.no_grad()
 def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None = None,
             batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
-    """Summed next-token NLL (float64) and the number of scored tokens over ``chunks`` (n, seq_len)."""
+    """Summed next-token NLL (float64) and the number of scored tokens over ``chunks`` (n, seq_len).
+
+    A model whose blocks are on disk (``--offload disk``) is run block by block over many chunks at once
+    (:func:`streamed_sum_nll`); the numbers are the same."""
+    from ..offload import disk_blocks
+
+    if disk_blocks(model) is not None:
+        return streamed_sum_nll(model, chunks, bos_token_id=bos_token_id, batch_size=batch_size,
+                                progress=progress, desc=desc)
     device = input_device(model)
     total, count = 0.0, 0
     for batch in chunk_batches(chunks, bos_token_id=bos_token_id, batch_size=batch_size, progress=progress,
@@ -98,6 +106,67 @@ def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None 
                 target = batch[row, lo + 1:hi + 1]
                 total += token_nll(logits[row, lo:hi].double(), target).sum().item()
                 count += target.numel()
+    return total, count
+
+
+#: Hidden states a streamed pass holds (its chunks' input, output and the joined output of a block): the chunks
+#: of one pass are as many as fit; each pass reads every block once (an 8B Llama: 170 chunks of 128 tokens).
+PASS_BYTES = 2**30
+
+
+class _LastBlock(Exception):
+    """Raised by a hook on the last block with its output: the head is run here, in slices."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+@torch.no_grad()
+def streamed_sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None = None,
+                     batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """:func:`sum_nll` of a model whose blocks are on disk: the model's own forward over as many chunks as
+    :data:`PASS_BYTES` of hidden states allow, each block read once per pass and run ``batch_size`` chunks
+    at a time; the head (whose logits for all those chunks would not fit) on one chunk's slice at a time."""
+    from tqdm.auto import tqdm
+
+    from ..archs import get_arch, get_blocks
+    from ..engine.capture import block_hidden
+    from ..engine.loss import HeadLoss
+    from ..offload import streamed
+
+    if batch_size < 1:
+        raise ShortenedError(f"batch size must be positive, got {batch_size}")
+    spec = get_arch(model)
+    blocks = get_blocks(model, spec)
+    head = HeadLoss.of(model, spec)
+    device = input_device(model)
+    if bos_token_id is not None:
+        chunks = torch.cat([torch.full((chunks.shape[0], 1), bos_token_id, dtype=chunks.dtype), chunks], dim=1)
+    hidden_size = model.get_input_embeddings().weight.shape[1]
+    per_pass = max(batch_size, PASS_BYTES // (3 * chunks.shape[1] * hidden_size * 4))
+    passes = chunks.split(per_pass)
+    total, count = 0.0, 0
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _LastBlock(block_hidden(output))
+
+    with tqdm(total=len(blocks) * len(passes), desc=desc, unit="block", disable=not progress, leave=False) as bar:
+        for batch in passes:
+            batch = batch.to(device)
+            handle = blocks[-1].register_forward_hook(stop)
+            try:
+                with streamed(model, batch_size, on_block=bar.update):
+                    model(input_ids=batch, use_cache=False)
+                raise ShortenedError("the model's forward did not reach its last block")
+            except _LastBlock as done:
+                final = done.hidden
+            finally:
+                handle.remove()
+            for row in range(batch.shape[0]):
+                for lo, hi in scored_slices(batch.shape[1]):
+                    target = batch[row, lo + 1:hi + 1]
+                    total += token_nll(head.head(final[row, lo:hi]).double(), target).sum().item()
+                    count += target.numel()
     return total, count
 
 

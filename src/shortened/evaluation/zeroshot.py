@@ -1,7 +1,7 @@
 """The seven zero-shot tasks of the paper, run by lm-evaluation-harness on an in-memory model.
 
 The harness is used as a library, never copied: the model is wrapped in its ``HFLM`` class and its
-``simple_evaluate`` runs the tasks. Online, the tasks are the harness's own (Hub datasets). Offline,
+``evaluate`` runs the tasks (:mod:`.harness` builds and runs them, the same for vLLM's backend). Online, the tasks are the harness's own (Hub datasets). Offline,
 with a data folder, each task is built from the harness's own YAML definition of that task (prompt,
 choices, target, metrics, ``process_docs``) with only the dataset swapped, through the task config's
 ``custom_dataset`` hook, for the original files read by :mod:`shortened.evaluation.sources`.
@@ -10,19 +10,20 @@ choices, target, metrics, ``process_docs``) with only the dataset swapped, throu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
-import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
 from ..errors import ShortenedError
+from .harness import SEEDS, evaluate_task, hub_task, local_task, quiet_harness, task_config
 from .sources import TASKS, task_records
 
-__all__ = ["PAPER_METRICS", "build_task", "harness_task_config", "make_lm", "run_task", "run_tasks"]
+__all__ = ["PAPER_METRICS", "SEEDS", "build_task", "harness_task_config", "make_lm", "run_task", "run_tasks",
+           "task_result"]
 
 #: The paper's metric for each task, in its column order.
 PAPER_METRICS: dict[str, str] = {
@@ -35,48 +36,12 @@ PAPER_METRICS: dict[str, str] = {
     "openbookqa": "acc_norm",
 }
 
-#: Fixed seeds handed to the harness (its defaults, recorded with the results).
-SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
-
-
-@contextlib.contextmanager
-def quiet_harness(level: int = logging.ERROR) -> Iterator[None]:
-    """Silence the harness's per-task INFO/WARNING chatter (our own progress bars remain)."""
-    import datasets
-
-    logger = logging.getLogger("lm_eval")
-    old = logger.level
-    bars_were_on = datasets.is_progress_bar_enabled()
-    logger.setLevel(level)
-    datasets.disable_progress_bars()  # the per-task "Map" bars of process_docs
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-        if bars_were_on:
-            datasets.enable_progress_bars()
-
-
-@functools.lru_cache(maxsize=1)
-def task_manager() -> Any:
-    """The harness's task index (built once: it scans every YAML the harness ships)."""
-    from lm_eval.tasks import TaskManager
-
-    with quiet_harness():
-        return TaskManager()
-
-
 def harness_task_config(task: str) -> dict[str, Any]:
     """The harness's own configuration of ``task`` (its YAML, includes merged, ``!function`` resolved)."""
-    entry = task_manager().task_index.get(task)
-    if entry is None or getattr(entry, "yaml_path", None) is None:
-        raise ShortenedError(f"lm-evaluation-harness has no task '{task}'")
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    cfg = dict(load_yaml(entry.yaml_path, resolve_func=True))
-    for key in ("tag", "group", "task_list"):  # structural keys, as the harness's own factory drops them
-        cfg.pop(key, None)
-    return cfg
+    try:
+        return task_config(task)
+    except LookupError as exc:
+        raise ShortenedError(str(exc)) from None
 
 
 def build_task(task: str, data_dir: str | os.PathLike | None = None, *, limit: int | None = None) -> Any:
@@ -85,39 +50,19 @@ def build_task(task: str, data_dir: str | os.PathLike | None = None, *, limit: i
     With ``limit`` only the first ``limit`` local records are handed to the harness (the same items
     its own ``limit`` would take), so that ``process_docs`` does not run over the whole file.
     """
-    from lm_eval.api.task import ConfigurableTask
-
     if task not in PAPER_METRICS:
         raise ShortenedError(f"unknown task '{task}': choose from {', '.join(PAPER_METRICS)}")
     if data_dir is None:
         return _hub_task(task)
 
-    import datasets
-
-    split = TASKS[task].split
     records = task_records(task, data_dir)
-    n_total = len(records)
-    local = datasets.Dataset.from_list(records[:limit] if limit is not None else records)
-    cfg = harness_task_config(task)
-    cfg.update(
-        # The one hook the harness offers for a dataset from elsewhere; it is called with the task's
-        # metadata as keyword arguments, which a fixed local split does not need.
-        custom_dataset=lambda **_: datasets.DatasetDict({split: local}),
-        dataset_kwargs=None,
-        # Only the evaluated split exists locally; zero-shot needs no training/few-shot split.
-        training_split=None,
-        validation_split=split if split == "validation" else None,
-        test_split=split if split == "test" else None,
-    )
-    cfg["metadata"] = dict(cfg.get("metadata") or {}, data_dir=str(data_dir), n_total=n_total)
-    with quiet_harness():
-        return ConfigurableTask(config=cfg)
+    return local_task(task, records[:limit] if limit is not None else records, TASKS[task].split,
+                      {"data_dir": str(data_dir), "n_total": len(records)})
 
 
 def _hub_task(task: str) -> Any:
     try:
-        with quiet_harness(logging.CRITICAL):
-            loaded = task_manager().load([task])
+        return hub_task(task)
     except Exception as exc:  # offline or missing dataset: the harness surfaces many error types
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         files = ", ".join(TASKS[task].files)
@@ -125,7 +70,6 @@ def _hub_task(task: str) -> Any:
             f"task '{task}': its Hub dataset could not be loaded ({reason[:160]}); offline, pass a data "
             f"folder (--data-dir) holding {files}"
         ) from None
-    return loaded["tasks"][task]
 
 
 def make_lm(model: nn.Module, tokenizer: Any, *, batch_size: int = 8, add_bos_token: bool | None = None) -> Any:
@@ -137,6 +81,11 @@ def make_lm(model: nn.Module, tokenizer: Any, *, batch_size: int = 8, add_bos_to
     kwargs: dict[str, Any] = {}
     if add_bos_token is not None:
         kwargs["add_bos_token"] = add_bos_token
+    if add_bos_token and getattr(tokenizer, "add_bos_token", None) is False and tokenizer.bos_token_id is not None:
+        # HFLM then encodes with add_special_tokens=True, which puts a BOS first only where the tokenizer is set
+        # to (SmolLM2's is not): a copy set so, as lm-eval's vLLM backend loads its own; the caller's is kept.
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_bos_token = True
     with quiet_harness():
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
 
@@ -154,49 +103,28 @@ def run_task(
     Returns ``{"metric", "value", "metrics": {name: value, name_stderr: ...}, "n_items", "n_total",
     "seconds", "source", "samples"?}`` where ``metric``/``value`` are the paper's.
     """
-    from lm_eval.evaluator import evaluate
-
     if limit is not None and limit < 1:
         raise ShortenedError(f"limit must be a positive number of items, got {limit}")
-    task_obj = build_task(task, data_dir, limit=limit)
-    # What simple_evaluate would set up, without its environment report (pip and git subprocesses).
-    _seed_everything()
-    task_obj.set_config(key="num_fewshot", value=0)
-    task_obj.set_fewshot_seed(seed=SEEDS["fewshot_random_seed"])
-    start = time.perf_counter()
-    with quiet_harness():
-        out = evaluate(lm=lm, task_dict=task_manager().load([task_obj]), limit=limit,
-                       bootstrap_iters=1000, log_samples=log_samples)
-    seconds = time.perf_counter() - start
-    raw = out["results"][task]
-    metrics = {key.split(",")[0]: value for key, value in raw.items()
-               if key != "alias" and isinstance(value, (int, float))}
-    counts = out.get("n-samples", {}).get(task, {})
-    n_total = (task_obj.config.metadata or {}).get("n_total", counts.get("original"))
+    raw = evaluate_task(lm, task, build_task(task, data_dir, limit=limit), limit=limit, log_samples=log_samples)
+    return task_result(task, raw, source="local" if data_dir is not None else "hub")
+
+
+def task_result(task: str, raw: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """One task's entry of the results from :func:`harness.evaluate_task`'s ``raw`` (whichever backend ran
+    it): the paper's metric and value first, then every metric, counts, time and where the data came from."""
     result: dict[str, Any] = {
         "metric": PAPER_METRICS[task],
-        "value": metrics[PAPER_METRICS[task]],
-        "metrics": metrics,
-        "n_items": counts.get("effective"),
-        "n_total": n_total,
-        "seconds": round(seconds, 2),
-        "source": "local" if data_dir is not None else "hub",
-        "task_version": out.get("versions", {}).get(task),
+        "value": raw["metrics"][PAPER_METRICS[task]],
+        "metrics": raw["metrics"],
+        "n_items": raw["n_items"],
+        "n_total": raw["n_total"],
+        "seconds": raw["seconds"],
+        "source": source,
+        "task_version": raw["task_version"],
     }
-    if log_samples:
-        result["samples"] = out["samples"][task]
+    if "samples" in raw:
+        result["samples"] = raw["samples"]
     return result
-
-
-def _seed_everything() -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(SEEDS["random_seed"])
-    np.random.seed(SEEDS["numpy_random_seed"])
-    torch.manual_seed(SEEDS["torch_random_seed"])
 
 
 def run_tasks(

@@ -179,20 +179,54 @@ class HealResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_distributed(kind: Any) -> None:
-    """Refuse the multi-process modes whose processes hold shards of the model (FSDP, DeepSpeed ZeRO,
-    Megatron): the best step, checkpoints and the saved model are taken from whole weights, so a shard would
-    be saved as the model. DDP (``accelerate launch --multi_gpu``; on CPUs over gloo) is what is tested. On
-    CPUs accelerate runs FSDP as DDP (every process a whole model); say so rather than let it pass unseen."""
+_FSDP1 = ("healing under FSDP supports version 2 only (FSDP1 flattens the weights it shards): launch with "
+          "accelerate launch --use_fsdp --fsdp_version 2")
+
+
+def fsdp_on_cpu(accelerator: Any) -> None:
+    """Run an FSDP2 launch on CPU processes as FSDP2 rather than DDP.
+
+    accelerate (1.x) marks a launch FSDP only for GPU-like process groups: on CPU processes (gloo) it runs an
+    ``accelerate launch --use_fsdp`` as DDP, every process holding the whole model, and an ``fsdp_plugin``
+    given to ``Accelerator`` does not change that. FSDP2's ``fully_shard`` works on CPU over gloo, so when the
+    launch asked for FSDP version 2 this sets accelerate's state to FSDP with the launch's plugin (read from
+    its environment, as accelerate does); ``accelerate.prepare`` then shards. Version 1 is refused, as on GPUs.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or accelerator.num_processes < 2:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ShortenedError(_FSDP1)
+    if accelerator.mixed_precision != "no":  # as accelerate's state does on GPUs
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    # As accelerate's state does on GPUs: every later AcceleratorState() (an AcceleratedOptimizer's, say)
+    # copies the process state's type over its own. gloo's barrier takes the device ids FSDP passes it.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if not accelerator.is_fsdp2:
+        raise ShortenedError("could not set accelerate up for FSDP2 on CPU processes: launch with DDP "
+                             "(accelerate launch --multi_gpu)")
+
+
+def check_distributed(kind: Any, fsdp_version: int | None = None) -> None:
+    """Refuse the multi-process modes healing cannot run: FSDP1, DeepSpeed and Megatron, whose processes hold
+    shards the loop does not gather (the best step, checkpoints and the saved model are whole weights). DDP
+    (``accelerate launch --multi_gpu``) and FSDP2 (``--use_fsdp --fsdp_version 2``) are supported; both are
+    tested on CPU processes over gloo."""
     from accelerate.utils import DistributedType
 
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise ShortenedError(f"healing under accelerate's {kind.value} is not supported: its processes hold shards "
-                             "of the model, and the best step and the saved model are taken from whole weights; "
-                             "launch with DDP (accelerate launch --multi_gpu), where every process holds the model")
-    if kind == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        log.warning("accelerate runs FSDP on GPUs only: these CPU processes train as DDP, each holding the whole "
-                    "model")
+    if kind == DistributedType.FSDP and fsdp_version != 2:
+        raise ShortenedError(_FSDP1)
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ShortenedError(f"healing under accelerate's {kind.value} is not supported (its processes hold shards "
+                             "healing does not gather): launch with FSDP2 (accelerate launch --use_fsdp "
+                             "--fsdp_version 2) or DDP (--multi_gpu)")
 
 
 def heal(
@@ -214,6 +248,7 @@ def heal(
     progress: bool = True,
     load: LoadOptions | None = None,
     save_dtype: torch.dtype | None = None,
+    offload: str | None = None,
     **overrides: Any,
 ) -> HealResult:
     """Heal ``model`` (a pruned folder, any model spec, or a loaded model) on ``data``.
@@ -231,8 +266,14 @@ def heal(
     A model given as a module is trained in place (pass a copy to keep the original); a teacher loaded
     here takes the model's dtype. ``save_dtype`` is the dtype of the weights saved at ``out`` (None: as
     trained); the returned model keeps its dtype, its weights rounded to the saved values.
+
+    ``offload="disk"`` (``reconstruct`` only, with ``out``) keeps the model's and the teacher's blocks in
+    their safetensors files and trains the bridges one after another, only theirs in memory
+    (:func:`shortened.heal.reconstruct.train_bridges_on_disk`); the returned model reads its blocks from
+    ``out``.
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     from ..io import check_output_dir, library_versions, now_iso
 
@@ -253,13 +294,17 @@ def heal(
     # bf16 is the loop's own autocast (TrainConfig.autocast), so accelerate's per-process precision stays as configured
     accelerator = Accelerator(mixed_precision=None if base.mixed_precision == "bf16" else base.mixed_precision,
                               cpu=load.device == "cpu")
-    check_distributed(accelerator.distributed_type)
+    fsdp_on_cpu(accelerator)
+    kind = accelerator.distributed_type
+    check_distributed(kind, accelerator.state.fsdp_plugin.fsdp_version if kind == DistributedType.FSDP else None)
     device = str(accelerator.device)
     single = [m.name for m in chain if m.one_process]
     if single and accelerator.num_processes > 1:
         raise ShortenedError(f"--method {single[0]} runs in one process (it works on a few blocks directly); "
                              "launch it without accelerate's multi-process mode")
 
+    if offload is not None:
+        _check_offload(offload, chain, model, out)
     model_spec, record = _describe_input(model)
     if any(m.needs_kept for m in chain):
         kept = list(kept) if kept is not None else record.get("kept_blocks")
@@ -267,12 +312,15 @@ def heal(
             raise ShortenedError(f"{model_spec} has no pruning.json with kept_blocks: --method "
                                  f"{next(m.name for m in chain if m.needs_kept)} needs to know which blocks were "
                                  "removed (prune with shortened first)")
+    # on disk, the student's forward never runs (only its bridge blocks do): neither table is read
+    on_disk = dict(blocks_on_disk=True, unloaded=("head", "embedding")) if offload else {}
     if not isinstance(model, nn.Module):
-        model, loaded_tokenizer = load.load(model_spec, device=device)
+        model, loaded_tokenizer = load.load(model_spec, device=device, **on_disk)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    from ..offload import check_in_memory
+    from ..offload import check_in_memory, compute_dtype
 
-    check_in_memory(model, "healing")
+    if offload is None:
+        check_in_memory(model, "healing")
     if any(m.needs_kept for m in chain):
         _check_kept(kept, model)
     use_cache = model.config.use_cache  # off while training (no cache to build), restored on the result
@@ -285,12 +333,13 @@ def heal(
 
     teacher_spec_used = None
     if any(m.needs_teacher for m in chain):
-        student_dtype = next(model.parameters()).dtype
+        student_dtype = compute_dtype(model)
         teacher, teacher_spec_used, loaded_teacher_tokenizer = _load_teacher(teacher, model_spec, load, device,
-                                                                              student_dtype)
+                                                                              student_dtype, on_disk=bool(offload))
         teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else loaded_teacher_tokenizer
-        teacher.to(device)
-        teacher_dtype = next(teacher.parameters()).dtype
+        if not offload:
+            teacher.to(device)
+        teacher_dtype = compute_dtype(teacher)
         if any(m.needs_kept for m in chain) and teacher_dtype != student_dtype:
             raise ShortenedError(f"the teacher is {teacher_dtype} and the model {student_dtype}: --method "
                                  f"{next(m.name for m in chain if m.needs_kept)} passes hidden states between "
@@ -344,9 +393,19 @@ def heal(
             ckpt = checkpoint_dir
             if ckpt is not None and len(chain) > 1:
                 ckpt = Path(ckpt) / f"{k}-{m.name}"  # each stage of a chain resumes on its own
-            stage_run = train(trained, prepared.objective, dataset.train, dataset.val, config,
-                              accelerator=accelerator, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
-                              progress=progress)
+            if offload:  # the bridges one after another, each resuming on its own
+                from .reconstruct import train_bridges_on_disk
+
+                stage_run, on_disk_bridges = train_bridges_on_disk(
+                    trained, prepared.objective,
+                    lambda module, objective, name: train(module, objective, dataset.train, dataset.val, config,
+                                                          accelerator=accelerator, checkpoint_dir=Path(ckpt) / name,
+                                                          resume=resume, on_step=on_step, progress=progress),
+                    Path(ckpt) / "trained")
+            else:
+                stage_run = train(trained, prepared.objective, dataset.train, dataset.val, config,
+                                  accelerator=accelerator, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
+                                  progress=progress)
             trained = accelerator.unwrap_model(trained)
             if stage_run.best_state is not None and stage_run.best_step != stage_run.step:
                 load_trainable_state(trained, stage_run.best_state)
@@ -362,6 +421,8 @@ def heal(
                 train_log=stage_run.train_log, val_log=stage_run.val_log)
             run = stage_run
         section.update({k: v() if callable(v) else v for k, v in prepared.extra.items()})
+        if offload and prepared.objective is not None:
+            section.update(trained_bridges=on_disk_bridges, offload=offload)
         section["versions"] = library_versions()
         sections.append(section)
         if not last:  # the next method starts from the plain healed model
@@ -382,7 +443,11 @@ def heal(
             final = prepared.finalize(trained)
             final.config.use_cache = use_cache
             # save_model writes a complete folder; stage it inside and move its files up beside adapter/.
-            staged = save_model(final, tokenizer, tmp / ".model", record, dtype=save_dtype)
+            from ..archs import num_blocks
+
+            # blocks on disk: the pruned checkpoint's, block for block (its trained ones from their files)
+            staged = save_model(final, tokenizer, tmp / ".model", record, dtype=save_dtype,
+                                kept=list(range(num_blocks(final))) if offload else None)
             for item in staged.iterdir():
                 os.replace(item, tmp / item.name)
             staged.rmdir()
@@ -391,6 +456,10 @@ def heal(
                 plot_losses(tmp / PLOT, run.train_log, run.val_log,
                             title=f"shortened heal --method {healing['method']}", best_step=healing["best_step"])
         adapter = Path(out) / ADAPTER_DIR if prepared.adapter else None
+        if offload:  # its blocks from the healed folder now: the bridges' files go with the checkpoints
+            from ..offload import disk_blocks, index_checkpoint
+
+            disk_blocks(final).names = index_checkpoint(final, Path(out))
         if checkpoint_dir is not None and not keep_checkpoints:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     else:
@@ -461,17 +530,34 @@ def _check_kept(kept: list[int], model: nn.Module) -> None:
 
 
 def _load_teacher(teacher: Any, model_spec: str, load: LoadOptions, device: str,
-                  dtype: torch.dtype) -> tuple[nn.Module, str, Any]:
-    """The teacher model (loaded in the student's ``dtype`` unless the options name one), its spec, and its
-    tokenizer (None when given as a module)."""
+                  dtype: torch.dtype, on_disk: bool = False) -> tuple[nn.Module, str, Any]:
+    """The teacher model (loaded in the student's ``dtype`` unless the options name one; ``on_disk``: its
+    blocks left in its files, its head unloaded), its spec, and its tokenizer (None when given as a module)."""
     if isinstance(teacher, nn.Module):
         return teacher, str(getattr(teacher.config, "_name_or_path", "") or "<in-memory teacher>"), None
     from .distill import teacher_spec
 
     spec = os.fspath(teacher) if teacher is not None else teacher_spec(model_spec)
     # "auto" would pick the checkpoint's or the device's dtype, not necessarily the model's (a module in bf16).
-    model, tok = load.load(spec, device=device, **({"dtype": dtype} if load.dtype == "auto" else {}))
+    extra = dict(blocks_on_disk=True, unloaded=("head",)) if on_disk else {}
+    model, tok = load.load(spec, device=device, **({"dtype": dtype} if load.dtype == "auto" else {}), **extra)
     return model, spec, tok
+
+
+def _check_offload(offload: str, chain: Sequence[HealMethod], model: Any, out: Any) -> None:
+    """``offload="disk"``: methods that train a few blocks at a time, a model to load, a folder to write."""
+    if offload != "disk":
+        raise ShortenedError(f"healing offloads to disk only (--offload disk), got '{offload}'")
+    whole = [m.name for m in chain if not m.on_disk]
+    if whole:
+        usable = ", ".join(name for name, m in methods().items() if m.on_disk)
+        raise ShortenedError(f"--offload disk heals with {usable} (a few blocks trained at a time); --method "
+                             f"{whole[0]} trains the whole model")
+    if isinstance(model, nn.Module):
+        raise ShortenedError("--offload disk heals a saved model (its blocks are read from its files), not a "
+                             "loaded module")
+    if out is None:
+        raise ShortenedError("--offload disk writes the healed model block by block: give --out")
 
 
 def _pad_id(tokenizer: Any, model: nn.Module) -> int:
@@ -483,4 +569,4 @@ def _pad_id(tokenizer: Any, model: nn.Module) -> int:
 
 
 __all__ = ["HealMethod", "HealResult", "HealSettings", "HealingData", "check_distributed", "describe_methods",
-           "get_method", "heal", "load_healing_data", "methods", "parse_chain"]
+           "fsdp_on_cpu", "get_method", "heal", "load_healing_data", "methods", "parse_chain"]

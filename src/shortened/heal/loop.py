@@ -10,14 +10,17 @@ The loop is written so that the number of processes does not change the result:
   (counted across micro-batches and processes before the forward passes), so one process with
   accumulation and several processes with DDP compute the same gradient.
 
-It runs unchanged in a plain Python process or under ``accelerate launch`` (DDP, FSDP or DeepSpeed as
-configured there): accelerate places the model and averages gradients; gradient accumulation skips the
-all-reduce on all but the last micro-batch.
+It runs unchanged in a plain Python process or under ``accelerate launch`` (DDP or FSDP2 as configured
+there): accelerate places the model and averages gradients; gradient accumulation skips the all-reduce on
+all but the last micro-batch. Under FSDP2 each process holds shards (DTensors) of a structural copy of the
+model (:func:`shard_copy`); whatever takes whole weights (the best step, checkpoints, the model left at the
+end) gathers them, a collective every process takes part in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -174,19 +177,99 @@ class ExampleStream:
         return self.examples[self._perms[epoch][i]]
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 shard)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or the full tensor of a DTensor (an all-gather: every process must call it)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back in shards, so that its parameters are the DTensors: after a
+    forward pass without backward FSDP2 leaves the root's weights gathered, registered as plain tensors."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the parameters that require gradients, by name."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of the parameters that require gradients, by name, whole (FSDP2 shards are gathered, so
+    every process calls it, in the same order)."""
+    reshard(model)
+    return {n: whole(p.detach()).to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into the named parameters (an FSDP2 parameter takes its own shard of each)."""
+    reshard(model)
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
         raise ShortenedError(f"checkpoint does not match the model (no parameter {missing[0]})")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            param = params[name]
+            value = value.to(param.device, param.dtype)
+            if is_sharded(param):
+                from torch.distributed.tensor import distribute_tensor
+
+                # Every process holds the whole tensor: src_data_rank=None keeps each one's shard without
+                # communication.
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(value)
+
+
+def is_fsdp2(accelerator: Any) -> bool:
+    """Whether ``accelerator`` shards the models it prepares with FSDP2."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def shard_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules for FSDP2 to shard, sharing its tensors (no memory copied).
+
+    FSDP2's ``fully_shard`` turns a module into a sharded one in place and has no inverse, and healing needs
+    a plain model at the end (LoRA merged into whole weights, the best step restored, saved by one process).
+    So the copy is sharded, the caller's model keeps its modules (and every reference to them, tied weights
+    included) and gets the trained whole weights back from :func:`gather_into`.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():  # tied parameters come once, and stay one parameter in the copy
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in model.buffers():  # not sharded by FSDP; rotary tables and the like are shared
+        memo[id(b)] = b
+    return copy.deepcopy(model, memo)
+
+
+def release_sharded(model: nn.Module, sharded: nn.Module) -> None:
+    """Free the whole weights of ``model`` whose counterpart in ``sharded`` is a shard: while the shards
+    train, each process would otherwise keep a whole model besides them."""
+    shards = dict(sharded.named_parameters())
+    for name, p in model.named_parameters():
+        if is_sharded(shards.get(name)):
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def gather_into(model: nn.Module, sharded: nn.Module) -> None:
+    """Write the whole weights of ``sharded`` (FSDP2) into ``model``'s parameters, in their dtype and device
+    (an all-gather per parameter: every process calls it)."""
+    reshard(sharded)
+    shards = dict(sharded.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_sharded(shards[name]):
+                p.data = shards[name].full_tensor().to(p.device, p.dtype)
 
 
 def warmup_then_decay(step: int, *, warmup: int, steps: int) -> float:
@@ -221,27 +304,41 @@ def train(
     state by validation loss (the untrained state included: ``best_step`` 0 when no trained step
     validates better), and resumable checkpoints in ``checkpoint_dir``. The model is left in its last
     state; ``result.best_state`` holds the best one.
+
+    Under FSDP2 a structural copy is sharded (:func:`shard_copy`) and ``model`` stays a plain module: its
+    weights are released while the shards train and gathered back whole at the end (on every process). A
+    run that raises leaves them released: there is no collective to gather them in an error.
     """
     from accelerate import Accelerator
 
     config.check()
     accelerator = accelerator or Accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ShortenedError("the model has no trainable parameters")
+    plain, sharded = model, is_fsdp2(accelerator)
+    if sharded:
+        model = shard_copy(plain)
+    params = [p for p in model.parameters() if p.requires_grad]
     warmup = min(config.warmup_steps, config.steps)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_then_decay, warmup=warmup, steps=config.steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    from ..offload import disk_blocks
+
+    # a model with its blocks on disk is already where it runs (a move would touch the unloaded ones)
+    placed = disk_blocks(model) is None
+    model, optimizer = accelerator.prepare(model, optimizer, device_placement=[placed, placed])
     unwrapped = accelerator.unwrap_model(model)
+    if sharded:
+        release_sharded(plain, unwrapped)
     device = accelerator.device
     stream = ExampleStream(train_examples, config.seed)
     global_batch = config.batch_size * config.grad_accum * world
 
     result = TrainResult(step=0)
-    ckpt = Checkpointer(checkpoint_dir, accelerator, _fingerprint(config, world, train_examples)) if checkpoint_dir else None
+    ckpt = (Checkpointer(checkpoint_dir, accelerator, _fingerprint(config, world, train_examples, sharded))
+            if checkpoint_dir else None)
     if resume:
         if ckpt is None:
             raise ShortenedError("--resume needs a checkpoint folder")
@@ -328,6 +425,10 @@ def train(
     bar.close()
     model.eval()
     result.seconds = time.perf_counter() - start
+    if sharded:
+        gather_into(plain, unwrapped)
+        plain.eval()
+        accelerator.free_memory()  # the shards and their optimizer state: the plain model holds the result
     return result
 
 
@@ -352,13 +453,17 @@ def _evaluate(model: nn.Module, objective: Objective, examples: Sequence[Example
     return dict(zip(objective.names, (sums / counts).tolist()))
 
 
-def _fingerprint(config: TrainConfig, world: int, examples: Sequence[Example]) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resumption."""
+def _fingerprint(config: TrainConfig, world: int, examples: Sequence[Example],
+                 sharded: bool = False) -> dict[str, Any]:
+    """What must not change between an interrupted run and its resumption (FSDP2 saves the optimizer by
+    parameter name, one process by position: they do not resume each other)."""
     keep = ("steps", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "max_grad_norm", "seed")
     fp = {k: v for k, v in asdict(config).items() if k in keep}
     fp["processes"] = world
     fp["train_examples"] = len(examples)
     fp["train_tokens"] = sum(len(e["input_ids"]) for e in examples)
+    if sharded:  # absent otherwise: checkpoints made before FSDP2 was supported still resume
+        fp["fsdp"] = 2
     return fp
 
 
@@ -388,11 +493,15 @@ class Checkpointer:
             target.mkdir(parents=True)
         self.acc.wait_for_everyone()
         torch.save(_rng_state(), target / f"rng-{self.acc.process_index}.pt")
+        sharded = is_fsdp2(self.acc)
+        # Under FSDP2 gathering is a collective: every process takes part, the main one writes.
+        trainable = trainable_state(model) if sharded or self.acc.is_main_process else None
+        optim = _optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
         if self.acc.is_main_process:
-            save_file(trainable_state(model), str(target / "trainable.safetensors"))
+            save_file(trainable, str(target / "trainable.safetensors"))
             if result.best_state is not None:
                 save_file(result.best_state, str(target / "best.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, target / "optim.pt")
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, target / "optim.pt")
             state = {"step": result.step, "train_log": result.train_log, "val_log": result.val_log,
                      "best_step": result.best_step, "best_val_loss": result.best_val_loss,
                      "fingerprint": self.fingerprint}
@@ -426,7 +535,10 @@ class Checkpointer:
             raise ShortenedError(f"--resume: checkpoint {target} has no state for process {self.acc.process_index}")
         load_trainable_state(model, load_file(str(target / "trainable.safetensors")))
         opt = torch.load(target / "optim.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(opt["optimizer"])
+        if is_fsdp2(self.acc):
+            _load_optimizer_state(model, optimizer, opt["optimizer"])
+        else:
+            optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         _set_rng_state(torch.load(rng_file, weights_only=True))
         result.step = state["step"]
@@ -435,6 +547,24 @@ class Checkpointer:
         if (target / "best.safetensors").exists():
             result.best_state = load_file(str(target / "best.safetensors"))
         log.warning("resuming from step %d (%s)", result.step, target)
+
+
+def _optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """The whole optimizer state of an FSDP2 model, keyed by parameter name, on the main process (a
+    collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load a whole optimizer state (:func:`_optimizer_state`) into an FSDP2 model's optimizer: each process
+    keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _rng_state() -> dict[str, Any]:

@@ -37,9 +37,12 @@ times, and every pass after the first skips the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,8 +166,12 @@ def capture_teacher(teacher: nn.Module, input_ids: torch.Tensor, attention_mask:
             handles.append(blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True))
     if last == n:
         handles.append(blocks[n - 1].register_forward_hook(post))
+    from ..offload import disk_blocks, streamed
+
+    # a teacher with its blocks on disk reads each one as the forward reaches it (none past the stop)
+    reading = streamed(teacher, input_ids.shape[0]) if disk_blocks(teacher) is not None else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reading:
             teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
         pass
@@ -294,6 +301,11 @@ class ReconstructObjective:
         self.num_teacher_blocks = len(get_blocks(teacher, get_arch(teacher)))
         self.kept = list(kept)
         self.bridges = find_bridges(self.kept, self.num_teacher_blocks, width)
+        #: the loss is the mean over this many bridges (all of them, also while they train one at a time)
+        self.share = len(self.bridges)
+        #: the teacher's states are taken for these bridges (all: one forward, cached, serves every bridge
+        #: trained one at a time)
+        self.states_for = list(self.bridges)
 
     def _mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each token's weight in the loss: the attention mask, with the first position (the attention
@@ -308,7 +320,7 @@ class ReconstructObjective:
         return mask
 
     def counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self._mask(batch).sum() * len(self.bridges)).float().reshape(1)
+        return (self._mask(batch).sum() * self.share).float().reshape(1)
 
     def _between(self) -> list[range]:
         """The student's kept blocks between each bridge and the next."""
@@ -329,10 +341,10 @@ class ReconstructObjective:
     def sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         student = getattr(model, "module", model)  # past a DDP wrapper: see the class docstring
         blocks = get_blocks(student)
-        starts = {b.start for b in self.bridges}
-        ends = {b.end for b in self.bridges}
+        starts = {b.start for b in self.states_for}
+        ends = {b.end for b in self.states_for}
         between = self._between() if self.inputs == "student" else []
-        hidden, calls = self.teacher_states(batch, starts | ends, {self.kept[i] for b in self.bridges for i in b.blocks}
+        hidden, calls = self.teacher_states(batch, starts | ends, {self.kept[i] for b in self.states_for for i in b.blocks}
                                             | {self.kept[i] for run in between for i in run})
         mask = self._mask(batch)
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
@@ -358,6 +370,85 @@ class ReconstructObjective:
         return total.reshape(1)
 
 
+def train_bridges_on_disk(model: nn.Module, objective: ReconstructObjective,
+                          train_one: Callable[[nn.Module, ReconstructObjective, str], Any],
+                          folder: str | os.PathLike) -> tuple[Any, list[dict[str, Any]]]:
+    """Train the bridges of a model whose blocks are on disk (``--offload disk``) one after another, each with
+    only its own blocks (and their optimizer state) in memory.
+
+    With the teacher's hidden states as inputs every bridge's term of the loss (the mean over all bridges)
+    depends on its own blocks only, so training the terms one after another computes the joint run's
+    gradients; what differs is that gradient clipping and the best step are per bridge. ``train_one(model,
+    objective, name)`` runs the loop on ``objective`` (one bridge) and returns its TrainResult; each bridge's
+    best weights go to a safetensors file in ``folder``, from which the model's store reads those blocks from
+    then on (so the save, block by block, writes them). Returns the runs combined (per step, the sum of the
+    terms: the joint objective's value) and a summary per bridge (its loss as its own mean).
+    """
+    from safetensors.torch import save_file
+
+    from ..offload import disk_blocks
+    from .loop import TrainResult, load_trainable_state
+
+    if objective.inputs != "teacher":
+        raise ShortenedError("with the blocks on disk the bridges learn from the teacher's states "
+                             "(--bridge-inputs teacher): the student's own would run its blocks in between")
+    store = disk_blocks(model)
+    blocks = get_blocks(model, get_arch(model))
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bridges, runs, summary = objective.bridges, [], []
+    model.requires_grad_(False)
+    try:
+        for n, bridge in enumerate(bridges):
+            for i in bridge.blocks:
+                store.fetch(blocks[i], i, device)
+                blocks[i].requires_grad_(True)
+            objective.bridges = [bridge]
+            run = train_one(model, objective, f"bridge-{n}")
+            if run.best_state is not None and run.best_step != run.step:
+                load_trainable_state(model, run.best_state)
+            path = folder / f"bridge-{n}.safetensors"
+            tensors = {f"{store.prefix}.{i}.{name}": t.detach().cpu().contiguous()
+                       for i in bridge.blocks for name, t in blocks[i].state_dict().items()}
+            save_file(tensors, str(path))
+            store.names.update({name: (path, name) for name in tensors})
+            for i in bridge.blocks:
+                blocks[i].requires_grad_(False)
+                store.release(blocks[i], i)
+            runs.append(run)
+            own = None if run.best_val_loss is None else run.best_val_loss * len(bridges)
+            summary.append({**bridge.to_dict(objective.kept), "best_step": run.best_step, "best_val_loss": own,
+                            "steps_done": run.step})
+    finally:
+        objective.bridges = bridges
+    combined = TrainResult(step=min(r.step for r in runs), seconds=sum(r.seconds for r in runs),
+                           stopped_early=any(r.stopped_early for r in runs))
+    combined.train_log = _summed_logs([r.train_log for r in runs])
+    combined.val_log = _summed_logs([r.val_log for r in runs])
+    bests = [r.best_val_loss for r in runs]
+    combined.best_val_loss = sum(bests) if all(b is not None for b in bests) else None
+    combined.best_step = max((r.best_step or 0) for r in runs)  # the latest step any bridge keeps
+    return combined, summary
+
+
+def _summed_logs(logs: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per step present in every log, each number summed (the joint loss from its terms), but the learning
+    rate, which is the same in every log."""
+    steps = set.intersection(*({e["step"] for e in log} for log in logs)) if logs else set()
+    out = []
+    for step in sorted(steps):
+        entries = [next(e for e in log if e["step"] == step) for log in logs]
+        merged: dict[str, Any] = {"step": step}
+        for key in entries[0]:
+            if key == "step" or not all(isinstance(e.get(key), (int, float)) for e in entries):
+                continue
+            values = [e[key] for e in entries]
+            merged[key] = values[0] if key == "lr" else sum(values)
+        out.append(merged)
+    return out
+
+
 def _data_repeats(ctx: HealContext) -> bool:
     """Whether the run sees an example more than once (only then is the teacher cache worth its memory)."""
     s = ctx.settings
@@ -369,8 +460,11 @@ def _data_repeats(ctx: HealContext) -> bool:
 
 
 def _prepare(ctx: HealContext) -> Prepared:
+    from ..offload import disk_blocks
+
     s = ctx.settings
-    cache_gb = s.teacher_cache_gb if _data_repeats(ctx) else 0.0
+    # bridges trained one after another (blocks on disk) see every example once per bridge
+    cache_gb = s.teacher_cache_gb if _data_repeats(ctx) or disk_blocks(ctx.model) is not None else 0.0
     objective = ReconstructObjective(ctx.teacher, ctx.kept, s.bridge_width, s.reconstruct_loss,
                                      cache_bytes=int(cache_gb * 2**30), inputs=s.bridge_inputs,
                                      first_token=s.reconstruct_first_token,
@@ -391,5 +485,6 @@ METHOD = HealMethod(
     needs_teacher=True,
     needs_kept=True,
     one_process=True,
+    on_disk=True,
     check=lambda settings: check_options(settings.bridge_width, settings.reconstruct_loss, settings.bridge_inputs),
 )

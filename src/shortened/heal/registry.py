@@ -75,6 +75,8 @@ class HealMethod:
     needs_teacher: bool = False  # the unpruned model (pruning.json's source or --teacher)
     needs_kept: bool = False  # which blocks of the teacher the student kept (pruning.json)
     one_process: bool = False  # refuses accelerate's multi-process mode
+    #: trains with its model's and the teacher's blocks on disk (``--offload disk``), a few blocks in memory
+    on_disk: bool = False
     trains: bool = True  # False: training-free, no steps or learning rate
     #: The default learning rate when it depends on other settings (distill: on the student).
     lr_rule: Callable[["HealSettings"], float] | None = None
