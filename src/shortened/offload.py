@@ -238,13 +238,17 @@ def streamed(model: nn.Module, micro_batch: int, on_block: Callable[[], None] | 
                     on_block()
         return run
 
+    own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (a hook's)
     for i, block in enumerate(blocks):
         block.forward = visit(i, block, block.forward)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = forward  # type: ignore[method-assign]
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:

@@ -72,7 +72,11 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     if not modules and not parameters:
         raise ShortenedError("the only LoRA targets of this model are its expert weights, which peft adapts only "
                              "without dropout: pass --lora-dropout 0")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
+    # Full module names: peft 0.22 also matches a bare name ("down_proj") against MoE experts' fused parameters
+    # of that name, which it adapts only without dropout.
+    wanted = set(modules)
+    names = sorted(n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in wanted)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
                         target_parameters=parameters or None, bias="none", task_type="CAUSAL_LM")
     # get_peft_model draws lora_A from the global RNG: seed it so runs (and processes) agree.
     torch.manual_seed(seed)
