@@ -398,11 +398,9 @@ def _engine_runner(engine: str, folder: str, *, dtype: str | None, threads: int 
 def folder_info(folder: str, context_len: int) -> dict[str, Any]:
     """What ``_model_info`` says of a loaded model, for a saved folder: the model is built on the meta device
     from its config, so no weight is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .loading import meta_model
 
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(folder)
     return {"num_blocks": len(get_blocks(model)), "parameters": sum(p.numel() for p in model.parameters()),
             "flops_per_token": flops_per_token(model, context_len), "flops_context_len": context_len}
 

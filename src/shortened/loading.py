@@ -281,6 +281,18 @@ def resolve_local_folder(spec: str, cache_dir: str | os.PathLike | None = None) 
     raise ShortenedError(f"model path does not exist: {spec}")
 
 
+def meta_model(config: Any, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of ``config`` (or of the model folder it names) built on the meta device: its structure
+    and parameter counts, no weight read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(config, (str, os.PathLike)):
+        config = AutoConfig.from_pretrained(str(config), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                **({"dtype": dtype} if dtype is not None else {}))
+
+
 def local_config(spec: str | os.PathLike, options: LoadOptions | None = None) -> Any | None:
     """The config of a local model (folder, GGUF file or alias, converted once), read without its
     weights so that requests can be checked before the load; None for a Hub id or a folder whose config

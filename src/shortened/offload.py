@@ -158,13 +158,18 @@ class DiskBlocks:
 _SAFETENSORS_WIDTH = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def _table_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The input embedding and the output projection: the two tables whose size grows with the vocabulary."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return embedding, head
+
+
 def _tables(model: nn.Module) -> dict[str, set[str]]:
     """The parameter names (every alias of a tied tensor) of the input embedding ("embedding") and of the
-    output projection ("head"), the two tables whose size grows with the vocabulary."""
+    output projection ("head")."""
     found: dict[str, set[str]] = {"embedding": set(), "head": set()}
-    modules = {"embedding": model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
-               "head": model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None}
-    for role, module in modules.items():
+    for role, module in zip(found, _table_modules(model)):
         if module is None:
             continue
         tensors = {id(p) for p in module.parameters()}
@@ -175,10 +180,9 @@ def _tables(model: nn.Module) -> dict[str, set[str]]:
 def _upcast_tables(model: nn.Module, dtype: torch.dtype) -> None:
     """Let a plain embedding or linear head whose weight is narrower than ``dtype`` compute in ``dtype``: the
     looked-up rows are upcast, the head multiplies one upcast slice of its rows at a time (both exact)."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding, head = _table_modules(model)
     if type(embedding) is nn.Embedding and _narrower(embedding.weight, dtype):
         embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is nn.Linear and _narrower(head.weight, dtype):
         # read at each call: the weight may be replaced (a tie, a reload) after this
         head.forward = lambda x: upcast_linear(x, head.weight, head.bias)  # type: ignore[method-assign]
@@ -225,7 +229,7 @@ def streamed(model: nn.Module, micro_batch: int, on_block: Callable[[], None] | 
     if store is None:
         raise ShortenedError("streamed() is for a model loaded with its blocks on disk")
     blocks = get_blocks(model, get_arch(model))
-    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    device = loaded_device(model)
 
     def visit(index: int, block: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -249,6 +253,11 @@ def streamed(model: nn.Module, micro_batch: int, on_block: Callable[[], None] | 
                 del block.forward  # the class's forward again
             else:
                 block.forward = forward  # type: ignore[method-assign]
+
+
+def loaded_device(model: nn.Module) -> torch.device:
+    """Where the weights of a model with its blocks on disk are (those loaded), and so where its blocks run."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
@@ -439,4 +448,4 @@ def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 __all__ = ["BlockHome", "DiskBlocks", "MemoryHome", "disk_blocks", "index_checkpoint", "load_blocks_on_disk",
-           "compute_dtype", "save_from_disk", "streamed", "upcast_linear", "SHARD_BYTES", "UPCAST_ROWS"]
+           "compute_dtype", "loaded_device", "save_from_disk", "streamed", "upcast_linear", "SHARD_BYTES", "UPCAST_ROWS"]

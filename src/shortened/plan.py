@@ -87,12 +87,10 @@ class Shape:
 
     @classmethod
     def from_config(cls, config: Any) -> Shape:
-        from transformers import AutoModelForCausalLM
-
         from .archs import get_arch, get_blocks, get_submodule
+        from .loading import meta_model
 
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        model = meta_model(config)
         spec = get_arch(model)
         blocks = get_blocks(model, spec)
         head = get_submodule(model, spec.head[-1])

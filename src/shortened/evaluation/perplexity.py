@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -101,11 +101,20 @@ def sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: int | None 
                                desc=desc):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        for row in range(batch.shape[0]):
-            for lo, hi in scored_slices(batch.shape[1]):
-                target = batch[row, lo + 1:hi + 1]
-                total += token_nll(logits[row, lo:hi].double(), target).sum().item()
-                count += target.numel()
+        nll, n = batch_nll(batch, lambda row, lo, hi: logits[row, lo:hi])
+        total, count = total + nll, count + n
+    return total, count
+
+
+def batch_nll(batch: torch.Tensor, logits: Callable[[int, int, int], torch.Tensor]) -> tuple[float, int]:
+    """Summed next-token NLL (float64) and the number of scored tokens of ``batch`` (rows of token ids), with
+    ``logits(row, lo, hi)`` the logits of predicting positions ``lo:hi`` of a row (:func:`scored_slices`)."""
+    total, count = 0.0, 0
+    for row in range(batch.shape[0]):
+        for lo, hi in scored_slices(batch.shape[1]):
+            target = batch[row, lo + 1:hi + 1]
+            total += token_nll(logits(row, lo, hi).double(), target).sum().item()
+            count += target.numel()
     return total, count
 
 
@@ -162,11 +171,8 @@ def streamed_sum_nll(model: nn.Module, chunks: torch.Tensor, *, bos_token_id: in
                 final = done.hidden
             finally:
                 handle.remove()
-            for row in range(batch.shape[0]):
-                for lo, hi in scored_slices(batch.shape[1]):
-                    target = batch[row, lo + 1:hi + 1]
-                    total += token_nll(head.head(final[row, lo:hi]).double(), target).sum().item()
-                    count += target.numel()
+            nll, n = batch_nll(batch, lambda row, lo, hi: head.head(final[row, lo:hi]))
+            total, count = total + nll, count + n
     return total, count
 
 

@@ -47,14 +47,11 @@ def _folder_summary(folder: Path, dtype: str, trust_remote_code: bool) -> tuple[
     """The results' model summary of a saved folder (the model built on the meta device: no weight is read)
     and that meta model, for the request's checks."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..loading import meta_model
     from . import model_summary
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code)
+    model = meta_model(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model_summary(model), model
 
 

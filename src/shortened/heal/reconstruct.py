@@ -300,12 +300,11 @@ class ReconstructObjective:
         self.teacher = teacher.eval().requires_grad_(False)
         self.num_teacher_blocks = len(get_blocks(teacher, get_arch(teacher)))
         self.kept = list(kept)
-        self.bridges = find_bridges(self.kept, self.num_teacher_blocks, width)
-        #: the loss is the mean over this many bridges (all of them, also while they train one at a time)
-        self.share = len(self.bridges)
-        #: the teacher's states are taken for these bridges (all: one forward, cached, serves every bridge
-        #: trained one at a time)
-        self.states_for = list(self.bridges)
+        #: every bridge of the pruned model: the loss is the mean over all of them, and the teacher's states
+        #: are taken for all of them (one forward, cached, serves every bridge when they train one at a time)
+        self.all_bridges = find_bridges(self.kept, self.num_teacher_blocks, width)
+        #: the bridges trained now (:func:`train_bridges_on_disk` narrows it to one)
+        self.bridges = list(self.all_bridges)
 
     def _mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each token's weight in the loss: the attention mask, with the first position (the attention
@@ -320,7 +319,7 @@ class ReconstructObjective:
         return mask
 
     def counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self._mask(batch).sum() * self.share).float().reshape(1)
+        return (self._mask(batch).sum() * len(self.all_bridges)).float().reshape(1)
 
     def _between(self) -> list[range]:
         """The student's kept blocks between each bridge and the next."""
@@ -341,10 +340,10 @@ class ReconstructObjective:
     def sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         student = getattr(model, "module", model)  # past a DDP wrapper: see the class docstring
         blocks = get_blocks(student)
-        starts = {b.start for b in self.states_for}
-        ends = {b.end for b in self.states_for}
+        starts = {b.start for b in self.all_bridges}
+        ends = {b.end for b in self.all_bridges}
         between = self._between() if self.inputs == "student" else []
-        hidden, calls = self.teacher_states(batch, starts | ends, {self.kept[i] for b in self.states_for for i in b.blocks}
+        hidden, calls = self.teacher_states(batch, starts | ends, {self.kept[i] for b in self.all_bridges for i in b.blocks}
                                             | {self.kept[i] for run in between for i in run})
         mask = self._mask(batch)
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
@@ -386,7 +385,7 @@ def train_bridges_on_disk(model: nn.Module, objective: ReconstructObjective,
     """
     from safetensors.torch import save_file
 
-    from ..offload import disk_blocks
+    from ..offload import disk_blocks, loaded_device
     from .loop import TrainResult, load_trainable_state
 
     if objective.inputs != "teacher":
@@ -394,10 +393,10 @@ def train_bridges_on_disk(model: nn.Module, objective: ReconstructObjective,
                              "(--bridge-inputs teacher): the student's own would run its blocks in between")
     store = disk_blocks(model)
     blocks = get_blocks(model, get_arch(model))
-    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    device = loaded_device(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    bridges, runs, summary = objective.bridges, [], []
+    bridges, runs, summary = objective.all_bridges, [], []
     model.requires_grad_(False)
     try:
         for n, bridge in enumerate(bridges):
@@ -421,7 +420,7 @@ def train_bridges_on_disk(model: nn.Module, objective: ReconstructObjective,
             summary.append({**bridge.to_dict(objective.kept), "best_step": run.best_step, "best_val_loss": own,
                             "steps_done": run.step})
     finally:
-        objective.bridges = bridges
+        objective.bridges = list(bridges)
     combined = TrainResult(step=min(r.step for r in runs), seconds=sum(r.seconds for r in runs),
                            stopped_early=any(r.stopped_early for r in runs))
     combined.train_log = _summed_logs([r.train_log for r in runs])
